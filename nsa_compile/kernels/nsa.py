@@ -1,0 +1,128 @@
+"""The NSA attention op: text queries attend densely and causally; video queries mix the three NSA branches with
+their gates, ``o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa`` (NSA arXiv 2502.11089 §3.2, eq. 5; VideoNSA arXiv
+2510.02295 §3 for the text/video split).
+
+`nsa_reference` is the plain-PyTorch oracle (differentiable, CPU and GPU, fp64 capable). The custom op
+``torch.ops.nsa_compile.nsa_attention`` (with ``nsa_attention_backward``) wraps it so that it stays one opaque node
+under ``torch.compile``, AOTAutograd and ``torch.export``; Triton kernels go behind the same op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .common import causal_attention, check_inputs, key_bias, video_layout
+from .compression import compression_reference
+from .selection import select_blocks, selection_reference
+from .sliding_window import sliding_window_reference
+
+
+def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, attn_mask: Tensor | None = None,
+                  scale: float | None = None, block_size: int = 64, block_stride: int = 64,
+                  selection_block_size: int = 64, top_n: int = 32, window_size: int = 256) -> Tensor:
+    """Gated NSA for video queries, dense causal attention for text queries.
+
+    Args:
+        q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; Hq a multiple of Hkv (any GQA group size);
+            fp16 / bf16 / fp32 / fp64 (half precision is computed in fp32). Query i sits at position Tk−Tq+i.
+        gates: [B, Hq, Tq, 3] gate values (compression, selection, sliding window), any float dtype; ignored for
+            text queries.
+        video_mask: bool [B, Tm] marking video tokens among the last Tm positions (Tq ≤ Tm ≤ Tk); earlier keys
+            are text.
+        attn_mask: optional SDPA-style mask broadcastable to [B, Hq, Tq, Tk] (bool, True = attend, or additive
+            float), e.g. padding. It restricts the dense, selection and sliding-window keys; the compression branch
+            pools only video spans, which never hold padding.
+        scale: softmax scale, default 1/sqrt(D). The remaining ints are `NSAConfig` fields, in tokens.
+    Returns:
+        [B, Hq, Tq, Dv] in q's dtype. A branch with nothing to attend contributes zero.
+    Raises:
+        NSAInputError: shapes, dtypes or head dim out of range (see `check_inputs`).
+    """
+    check_inputs(q, k, v, gates, video_mask)
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    cd = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+    q5 = q.to(cd).reshape(B, Hkv, G, Tq, D)
+    k, v = k.to(cd), v.to(cd)
+    layout = video_layout(video_mask.to(k.device), Tk, block_size, block_stride, selection_block_size)
+    video_q = layout.is_video[:, Tk - Tq:]  # [B, Tq]
+    bias = key_bias(attn_mask, B, Hkv, G, Tq, Tk, cd)
+
+    out = causal_attention(q5, k, v, scale, Tk, None, bias, rows=~video_q)
+    if bool(video_q.any()):
+        o_cmp, p_cmp = compression_reference(q5, k, v, layout, scale)
+        selected = select_blocks(p_cmp, layout, Tq, top_n)
+        o_slc = selection_reference(q5, k, v, layout, selected, scale, bias, rows=video_q)
+        o_swa = sliding_window_reference(q5, k, v, window_size, scale, bias, rows=video_q)
+        g = gates.to(cd).reshape(B, Hkv, G, Tq, 3)
+        o_nsa = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
+        out = torch.where(video_q[:, None, None, :, None], o_nsa, out)
+    return out.reshape(B, Hq, Tq, v.shape[-1]).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- the custom op
+@torch.library.custom_op("nsa_compile::nsa_attention", mutates_args=())
+def _nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, attn_mask: Tensor | None,
+                   scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
+                   window_size: int) -> Tensor:
+    return nsa_reference(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
+                         selection_block_size, top_n, window_size)
+
+
+@_nsa_attention.register_fake
+def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, selection_block_size, top_n,
+      window_size):
+    return q.new_empty(q.shape[:3] + (v.shape[-1],))
+
+
+@torch.library.custom_op("nsa_compile::nsa_attention_backward", mutates_args=())
+def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
+                            attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
+                            selection_block_size: int, top_n: int, window_size: int
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    # Recompute-based backward through the reference (torch.func.vjp: autograd is off inside an op's kernel);
+    # the top-n block choice is not differentiated (NSA §3.3.2).
+    def forward(q_, k_, v_, g_):
+        return nsa_reference(q_, k_, v_, g_, video_mask, attn_mask, scale, block_size, block_stride,
+                             selection_block_size, top_n, window_size)
+
+    _, vjp = torch.func.vjp(forward, q, k, v, gates)
+    return tuple(g.contiguous() for g in vjp(grad_out))
+
+
+@_nsa_attention_backward.register_fake
+def _(grad_out, q, k, v, gates, *args):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gates)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, gates, video_mask, attn_mask, *params = inputs
+    ctx.save_for_backward(q, k, v, gates, video_mask, attn_mask)
+    ctx.params = params
+
+
+def _backward(ctx, grad_out):
+    q, k, v, gates, video_mask, attn_mask = ctx.saved_tensors
+    dq, dk, dv, dg = torch.ops.nsa_compile.nsa_attention_backward(grad_out.contiguous(), q, k, v, gates, video_mask,
+                                                                  attn_mask, *ctx.params)
+    return (dq, dk, dv, dg) + (None,) * 8
+
+
+_nsa_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, config,
+                  attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
+    """Call ``torch.ops.nsa_compile.nsa_attention`` with the block sizes of an `NSAConfig`.
+
+    Shapes, dtypes and errors as in `nsa_reference`; differentiable in q, k, v and gates.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return torch.ops.nsa_compile.nsa_attention(
+        q, k, v, gates, video_mask, attn_mask, scale, config.block_size, config.block_stride,
+        config.selection_block_size, config.top_n, config.window_size)

@@ -1,0 +1,66 @@
+"""Selection branch (NSA §3.3.2, eqs. 8-12): score each past video block of ``selection_block_size`` tokens by the
+compression-branch probabilities, sum the scores over the query heads of one GQA group (so the whole group reads
+the same blocks), keep the top-n blocks, and attend exactly their tokens plus the query's own block (causally) and
+every earlier text key (always kept, like NSA's forced initial block).
+
+A selection block's score is the sum of the probabilities of the compression blocks that overlap it (NSA eq. 9
+counts the same overlaps, with multiplicities, when blocks are aligned; for l = d = l′ both are the identity).
+
+Reference implementation in plain PyTorch (the oracle for the Triton kernel of issue 3).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .common import VideoLayout, causal_attention
+
+
+@torch.no_grad()
+def select_blocks(p_cmp: Tensor, layout: VideoLayout, Tq: int, top_n: int) -> Tensor:
+    """Top-n past video blocks of every query, shared by the heads of a GQA group.
+
+    Args:
+        p_cmp: [B, Hkv, G, Tq, Nc] compression probabilities (from `compression_reference`).
+        layout: `video_layout` of the keys; Tq: number of queries (the last Tq positions); top_n: n.
+    Returns:
+        bool [B, Hkv, 1, Tq, Ns]: the selected blocks. Candidates are blocks that end before the query's own
+        block starts; when fewer than n exist all are taken; of equal scores the earlier block wins.
+    """
+    Tk = layout.is_video.shape[1]
+    overlap = ((layout.cmp_block_start[:, :, None] <= layout.sel_block_end[:, None, :])
+               & (layout.cmp_block_end[:, :, None] >= layout.sel_block_start[:, None, :])).to(p_cmp.dtype)
+    scores = torch.einsum("bhqc,bcs->bhqs", p_cmp.sum(2), overlap)  # [B, Hkv, Tq, Ns]
+    own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
+    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, Tq, Ns]
+    scores = scores.masked_fill(~candidate[:, None], float("-inf"))
+    n = min(top_n, scores.shape[-1])
+    top_values, top_indices = scores.sort(dim=-1, descending=True, stable=True)  # ties go to the earlier block
+    selected = torch.zeros_like(scores, dtype=torch.bool)
+    selected.scatter_(-1, top_indices[..., :n], torch.isfinite(top_values[..., :n]))
+    return selected[:, :, None]
+
+
+def selection_reference(q: Tensor, k: Tensor, v: Tensor, layout: VideoLayout, selected: Tensor, scale: float,
+                        bias: Tensor | None = None, rows: Tensor | None = None) -> Tensor:
+    """Exact attention over the selected blocks, the query's own block up to itself, and earlier text keys.
+
+    Args:
+        q: [B, Hkv, G, Tq, D]; k, v: [B, Hkv, Tk, D]; selected: [B, Hkv, 1, Tq, Ns] from `select_blocks`;
+        bias: optional additive mask [B|1, Hkv|1, G|1, Tq, Tk]; rows: optional bool [B, Tq] of the queries needed.
+    Returns:
+        o_slc [B, Hkv, G, Tq, Dv].
+    """
+    Tq, Tk = q.shape[3], k.shape[2]
+    own_start = layout.sel_start[:, Tk - Tq:]
+
+    def keys(i0: int, i1: int, lo: int, hi: int) -> Tensor:
+        video = layout.is_video[:, None, None, None, lo:hi]
+        sel_id = layout.sel_id[:, None, None, None, lo:hi].expand(-1, selected.shape[1], 1, i1 - i0, -1)
+        chosen = selected[:, :, :, i0:i1].gather(-1, sel_id)
+        j = torch.arange(lo, hi, device=q.device)
+        own = j[None, None, None, None, :] >= own_start[:, None, None, i0:i1, None]
+        return ~video | chosen | own
+
+    return causal_attention(q, k, v, scale, Tk, keys, bias, rows)
