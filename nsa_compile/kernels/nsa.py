@@ -62,7 +62,7 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
         g = gates.to(cd).reshape(B, Hkv, G, Tq, 3)
         o_nsa = g[..., 0:1] * o_cmp + g[..., 1:2] * o_slc + g[..., 2:3] * o_swa
         out = torch.where(video_q[:, None, None, :, None], o_nsa, out)
-    return out.reshape(B, Hq, Tq, v.shape[-1]).to(q.dtype)
+    return out.reshape(B, Hq, Tq, v.shape[-1]).to(q.dtype).contiguous()
 
 
 # ----------------------------------------------------------------------------------------------- the custom op
@@ -97,7 +97,8 @@ def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, g
 
 @_nsa_attention_backward.register_fake
 def _(grad_out, q, k, v, gates, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(gates)
+    # Gradients are contiguous whatever the inputs' strides (the real implementation returns them so).
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, gates))
 
 
 def _setup_context(ctx, inputs, output):

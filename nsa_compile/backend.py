@@ -1,0 +1,273 @@
+"""The ``nsa`` backend for ``torch.compile``.
+
+For every graph dynamo hands it, the backend (1) finds attention sites (`passes.attention`), (2) finds the graph's
+video-mask source (`passes.video_mask`), (3) attaches a gate module to each language-model attention module of the
+user's model (`gates`), (4) rewrites the sites into ``nsa_compile::nsa_attention`` on a copy of the graph
+(`passes.rewrite`), and (5) compiles the copy with AOTAutograd, so forward and backward (gates included) run
+compiled. Graphs with nothing to rewrite and no mask to record are returned as they are.
+
+Graph breaks are the normal case: the graph that merges vision features (and so knows the video mask) is usually
+not the graph of the decoder layers. A graph with a mask source outputs the mask as well, the backend's wrapper
+records it in a per-thread slot, and graphs whose attention has no source of their own read it from there (the
+mask of the tokens of the current forward: the last Tm key positions, see `kernels.nsa_reference`). In one
+fullgraph capture (as export uses) the mask is wired inside the graph and nothing is recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import warnings
+
+import torch
+from torch import fx, nn
+
+from .config import NSAConfig
+from .gates import install_gate
+from .passes.attention import _val, find_attention_sites, skip_reason
+from .passes.rewrite import rewrite_graph
+from .passes.video_mask import find_video_mask
+from .report import CompileReport, GraphRecord, SiteRecord
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------ runtime video mask
+class _MaskSlot(threading.local):
+    recorded: torch.Tensor | None = None
+    override: torch.Tensor | None = None
+
+
+_SLOT = _MaskSlot()
+
+
+class VideoMaskMissing(RuntimeError):
+    """A rewritten graph ran before any video mask was recorded for this forward."""
+
+
+def record_video_mask(mask: torch.Tensor) -> None:
+    """Store the [B, T] bool video mask of the current forward's tokens (called by compiled graphs)."""
+    _SLOT.recorded = mask
+    if mask.shape[-1] > 1 and not bool(mask.any()):
+        warnings.warn("nsa-compile: a sequence without video tokens: its attention runs dense", stacklevel=2)
+
+
+@contextlib.contextmanager
+def video_mask(mask: torch.Tensor):
+    """Set the video mask by hand for the forwards inside the ``with`` block (bool [B, T] over the tokens of each
+    forward), for models that never show ``input_ids`` or a vision merge to the compiler (e.g. called with
+    ``inputs_embeds``). It takes precedence over recorded masks."""
+    previous, _SLOT.override = _SLOT.override, mask.bool()
+    try:
+        yield
+    finally:
+        _SLOT.override = previous
+
+
+def current_video_mask() -> torch.Tensor:
+    """The mask a rewritten graph without its own mask source uses.
+
+    Raises:
+        VideoMaskMissing: none recorded in this thread.
+    """
+    mask = _SLOT.override if _SLOT.override is not None else _SLOT.recorded
+    if mask is None:
+        raise VideoMaskMissing(
+            "nsa-compile: no video mask for this forward: no compiled graph showed input_ids or a vision-feature "
+            "merge. Call the model with input_ids, or wrap the call in `with nsa_compile.video_mask(mask):`.")
+    return mask
+
+
+# ------------------------------------------------------------------------------------------ module resolution
+_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\.(\d+)|\[(\d+)\]|\['([^']+)'\]")
+
+
+def _frame_locals() -> dict:
+    """Locals of the frame dynamo is compiling (internal API, tested on every supported torch)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        return dict(tx.f_locals) if tx is not None else {}
+    except Exception:  # noqa: BLE001 - not inside a dynamo compile (e.g. a hand-made GraphModule)
+        return {}
+
+
+def resolve_module(path: str, f_locals: dict, root: nn.Module | None) -> nn.Module | None:
+    """The module named by an ``nn_module_stack`` path such as ``L['self'].model.layers.0.self_attn``.
+
+    Looked up from the compiled frame's locals, else matched as a suffix of ``root``'s module names.
+    """
+    m = re.match(r"L\['([^']+)'\]", path)
+    if m and m.group(1) in f_locals:
+        obj = f_locals[m.group(1)]
+        try:
+            for tok in _TOKEN.finditer(path[m.end():]):
+                name = next(g for g in tok.groups() if g is not None)
+                obj = obj[int(name)] if tok.group(3) is not None else getattr(obj, name)
+            if isinstance(obj, nn.Module):
+                return obj
+        except (AttributeError, IndexError, KeyError, TypeError):
+            pass
+    if root is not None:
+        rel = path[m.end():].lstrip(".") if m else path
+        for name, mod in root.named_modules():
+            if name == rel or name.endswith("." + rel):
+                return mod
+    return None
+
+
+def _model_token_ids(f_locals: dict, root: nn.Module | None) -> tuple[set[int], set[int]]:
+    """``video_token_id`` / ``image_token_id`` of any model config in reach."""
+    video, image = set(), set()
+    for obj in list(f_locals.values()) + [root]:
+        cfg = getattr(obj, "config", None) if isinstance(obj, nn.Module) else None
+        for c in (cfg, getattr(cfg, "text_config", None)):
+            for attr, out in (("video_token_id", video), ("video_token_index", video), ("image_token_id", image),
+                              ("image_token_index", image)):
+                v = getattr(c, attr, None)
+                if isinstance(v, int):
+                    out.add(v)
+    return video, image
+
+
+# ------------------------------------------------------------------------------------------ the backend
+class NSABackend:
+    """A ``torch.compile`` backend object; one per compiled model (its `report` covers all of that model's graphs).
+
+    Args:
+        config: the `NSAConfig` (default: the ``videonsa`` preset).
+        model: the user's model, when known (``nsa_compile.compile``); gates are attached to its modules.
+    """
+
+    def __init__(self, config: NSAConfig | None = None, model: nn.Module | None = None):
+        self.config = config or NSAConfig.preset("videonsa")
+        self.model = model
+        self.report = CompileReport(self.config)
+        self.video_ids: set[int] = {self.config.video_token_id} if self.config.video_token_id is not None else set()
+        self.image_ids: set[int] = set()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, **_ignored):
+        cfg = self.config
+        f_locals = _frame_locals()
+        if cfg.video_token_id is None:
+            v, i = _model_token_ids(f_locals, self.model)
+            self.video_ids |= v
+            self.image_ids |= i
+        record = GraphRecord(len(self.report.graphs), len(gm.graph.nodes))
+        self.report.graphs.append(record)
+
+        source, record.notes = find_video_mask(gm, cfg.modalities, self.video_ids, self.image_ids)
+        if source is not None and source.kind == "merge":
+            self.video_ids |= set(source.token_ids)
+        can_find_video = bool(self.video_ids) or source is not None or _SLOT.override is not None
+
+        matched = []
+        for site in find_attention_sites(gm):
+            q, k = _val(site.q), _val(site.k)
+            rec = SiteRecord(record.index, site.node.name, site.form, site.module, "skipped",
+                             q_heads=int(q.shape[1]) if q is not None else 0,
+                             kv_heads=int(k.shape[1]) if k is not None else 0)
+            record.sites.append(rec)
+            rec.reason = skip_reason(site, can_find_video) or ""
+            module = None
+            if not rec.reason:
+                module = resolve_module(site.module, f_locals, self.model)
+                if module is None:
+                    rec.reason = f"module {site.module} not reachable from the compiled frame"
+            if rec.reason:
+                log.info("nsa: %s skipped: %s", site.node.name, rec.reason)
+                continue
+            hidden = _val(site.hidden)
+            gate = install_gate(module, int(hidden.shape[-1]), int(q.shape[1]), cfg)
+            rec.status = "rewritten"
+            rec.module_id = id(module)
+            matched.append((site, gate))
+
+        if source is not None:
+            record.mask_source = source.kind + ": " + source.description
+        elif matched:
+            record.mask_source = "runtime (recorded by an earlier graph)"
+        record.records_mask = source is not None
+        if not matched and source is None:
+            return self._inner(gm, example_inputs, rewritten=False)
+
+        rw = rewrite_graph(gm, matched, source, cfg, record_mask=source is not None)
+        extra = []
+        if rw.needs_runtime_mask:
+            extra.append(self._example_mask(matched))
+        extra += rw.gate_params
+        compiled = self._inner(rw.gm, list(example_inputs) + extra)
+        report = self.report
+        params = rw.gate_params
+
+        def run(*args):
+            extras = [current_video_mask()] if rw.needs_runtime_mask else []
+            extras += params
+            out = compiled(*args, *extras)  # dynamo's calling convention: unboxed
+            if rw.records_mask:
+                mask = out[-1]
+                out = type(out)(out[:-1]) if isinstance(out, tuple) else out[:-1]
+                if _SLOT.override is None:
+                    record_video_mask(mask)
+                report.last_video_mask = mask if mask.shape[-1] > 1 else report.last_video_mask
+            return out
+
+        return run
+
+    def _example_mask(self, matched) -> torch.Tensor:
+        q = _val(matched[0][0].q)
+        B, T = (s if isinstance(s, int) else s.node.hint for s in (q.shape[0], q.shape[2]))
+        recorded = _SLOT.override if _SLOT.override is not None else _SLOT.recorded
+        if recorded is not None and tuple(recorded.shape) == (B, T):
+            return recorded
+        return torch.zeros(B, T, dtype=torch.bool, device=q.device)
+
+    def _inner(self, gm: fx.GraphModule, example_inputs, rewritten: bool = True):
+        """Compile a graph after the rewrite: Inductor, or AOTAutograd running the FX graphs as they are (a graph
+        we did not rewrite then runs untouched)."""
+        if self.config.inner_backend == "eager" and not rewritten:
+            return gm.forward
+        backend = "inductor" if self.config.inner_backend == "inductor" else "aot_eager"
+        return torch._dynamo.lookup_backend(backend)(gm, example_inputs)
+
+
+_BACKENDS: dict[str, NSABackend] = {}
+
+
+def nsa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, **_ignored):
+    """Entry point of ``torch.compile(model, backend="nsa", options={...})``.
+
+    ``options`` are `NSAConfig` fields (and ``"preset"``); one `NSABackend` (and report) is kept per distinct
+    options, reachable through `last_report`.
+    """
+    config = NSAConfig.from_dict(options or {"preset": "videonsa"})
+    key = config.to_json()
+    backend = _BACKENDS.setdefault(key, NSABackend(config))
+    _BACKENDS["__last__"] = backend
+    return backend(gm, example_inputs)
+
+
+def last_report() -> CompileReport | None:
+    """The report of the `NSABackend` used last through ``backend="nsa"``."""
+    b = _BACKENDS.get("__last__")
+    return b.report if b is not None else None
+
+
+def compile(model, config: NSAConfig | None = None, **torch_compile_kwargs):
+    """``torch.compile(model, backend=NSABackend(config, model))``; the result carries ``nsa_report``.
+
+    Args:
+        model: a video-language model (``nn.Module``) or its bound ``forward`` (compile ``model.forward`` and assign
+            it back to keep ``model.generate`` on the compiled path, as with transformers' own compile recipe).
+        config: default ``NSAConfig.preset("videonsa")``.
+        torch_compile_kwargs: passed to ``torch.compile`` (e.g. ``dynamic``, ``fullgraph``).
+    Returns:
+        the compiled module or function; its ``nsa_report`` is the `CompileReport`, filled as graphs compile.
+    """
+    root = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
+    backend = NSABackend(config, root if isinstance(root, nn.Module) else None)
+    compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+    compiled.nsa_report = backend.report
+    return compiled

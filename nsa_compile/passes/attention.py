@@ -1,0 +1,192 @@
+"""Find attention in a dynamo graph and decide which of it is language-model self-attention.
+
+Two forms are matched on the graph dynamo hands a backend (before AOTAutograd, so each call has one form):
+
+* ``sdpa``: one ``torch._C._nn.scaled_dot_product_attention`` call (``F.scaled_dot_product_attention``), with or
+  without ``attn_mask`` / ``is_causal`` / ``enable_gqa``;
+* ``eager``: ``matmul(q, kᵀ) → ·scale → (+ mask) → softmax → (to, dropout) → matmul(·, v)``.
+
+K/V repeated for GQA by transformers' ``repeat_kv`` (``x[:, :, None].expand(...).reshape(...)``) are traced back to
+the un-repeated tensors so that the selection branch shares blocks across each GQA group. The aten forms
+(``aten.scaled_dot_product_attention``, ``aten._scaled_dot_product_*``) are matched too, for graphs that reach us
+already lowered.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from ..kernels.common import MAX_HEAD_DIM, SUPPORTED_DTYPES
+
+# Module-path fragments of vision encoders (a small table of names, not per-model patches).
+VISION_PATH_KEYS = ("visual", "vision", "image_encoder", "img_encoder", "mm_projector", "multi_modal_projector")
+
+_SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
+                 torch.ops.aten.scaled_dot_product_attention.default}
+for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+    if hasattr(torch.ops.aten, _name):
+        _SDPA_TARGETS.add(getattr(torch.ops.aten, _name).default)
+_MATMUL = {torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm"}
+_SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
+_LINEAR = {torch._C._nn.linear, F.linear}
+
+
+@dataclass
+class AttentionSite:
+    """One attention call in a graph.
+
+    Attributes:
+        form: ``"sdpa"`` or ``"eager"``; node: the node whose value is the attention output [B, Hq, Tq, Dv];
+        q, k, v: nodes of [B, Hq, Tq, D] and [B, Hkv, Tk, D] (K/V un-repeated); attn_mask: mask node or None;
+        is_causal: the call's flag; scale: softmax scale (None: 1/sqrt(D)); module: the module path from
+        ``nn_module_stack`` (``""`` when dynamo recorded none); hidden: the attention-input hidden states
+        [B, Tq, hidden] feeding the query projection, or None.
+    """
+
+    form: str
+    node: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    attn_mask: fx.Node | None
+    is_causal: bool
+    scale: float | None
+    module: str
+    module_type: str
+    hidden: fx.Node | None
+
+
+def _val(node) -> torch.Tensor | None:
+    if not isinstance(node, fx.Node):
+        return None
+    v = node.meta.get("example_value", node.meta.get("val"))
+    return v if isinstance(v, torch.Tensor) else None
+
+
+def _target_is(node: fx.Node, targets) -> bool:
+    return node.op in ("call_function", "call_method") and node.target in targets
+
+
+def _module_of(node: fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", ""
+    path, typ = list(stack.values())[-1]
+    return str(path), getattr(typ, "__name__", str(typ))
+
+
+def unrepeat_kv(node: fx.Node) -> fx.Node:
+    """The tensor before transformers' ``repeat_kv`` (getitem[:, :, None] / unsqueeze(2) → expand → reshape)."""
+    if _target_is(node, {"reshape", torch.reshape, "view"}) and isinstance(node.args[0], fx.Node):
+        e = node.args[0]
+        if _target_is(e, {"expand"}) and isinstance(e.args[0], fx.Node):
+            u = e.args[0]
+            if _target_is(u, {operator.getitem}) and isinstance(u.args[1], tuple) and len(u.args[1]) > 2 \
+                    and u.args[1][2] is None:
+                return u.args[0]
+            if _target_is(u, {"unsqueeze", torch.unsqueeze}) and u.args[1:] == (2,):
+                return u.args[0]
+    return node
+
+
+def attention_input(q: fx.Node, limit: int = 64) -> fx.Node | None:
+    """The input of the query projection (``linear``) that ``q`` derives from: the attention-input hidden states."""
+    seen, frontier = set(), [q]
+    while frontier and len(seen) < limit:
+        n = frontier.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if _target_is(n, _LINEAR):
+            return n.args[0]
+        frontier.extend(a for a in n.all_input_nodes if a.op != "placeholder")
+    return None
+
+
+def _sdpa_site(node: fx.Node) -> AttentionSite:
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    args = dict(zip(names, node.args))
+    args.update(node.kwargs)
+    scale = args.get("scale")
+    module, typ = _module_of(node)
+    k, v = unrepeat_kv(args["key"]), unrepeat_kv(args["value"])
+    return AttentionSite("sdpa", node, args["query"], k, v, args.get("attn_mask"), bool(args.get("is_causal", False)),
+                         None if scale is None else float(scale), module, typ, attention_input(args["query"]))
+
+
+def _eager_site(softmax: fx.Node) -> AttentionSite | None:
+    # backwards: softmax ← [add mask] ← [mul/div scale] ← matmul(q, transpose(k))
+    x, mask, scale = softmax.args[0], None, None
+    if _target_is(x, {operator.add, torch.add, "add"}):
+        x, mask = x.args[0], x.args[1]
+    if _target_is(x, {operator.mul, torch.mul, "mul"}) and isinstance(x.args[1], (int, float)):
+        x, scale = x.args[0], float(x.args[1])
+    elif _target_is(x, {operator.truediv, torch.div, "div"}) and isinstance(x.args[1], (int, float)):
+        x, scale = x.args[0], 1.0 / float(x.args[1])
+    if not _target_is(x, _MATMUL) or scale is None:
+        return None
+    q, kt = x.args[0], x.args[1]
+    if not _target_is(kt, {"transpose", torch.transpose}):
+        return None
+    k = kt.args[0]
+    # forwards: softmax → [to] → [dropout] → matmul(·, v)
+    y = softmax
+    while len(y.users) == 1:
+        (u,) = y.users
+        if _target_is(u, {"to", "type_as", F.dropout, torch.dropout, "float"}):
+            y = u
+            continue
+        if _target_is(u, _MATMUL) and u.args[0] is y:
+            module, typ = _module_of(u)
+            return AttentionSite("eager", u, q, unrepeat_kv(k), unrepeat_kv(u.args[1]), mask, False, scale,
+                                 module, typ, attention_input(q))
+        break
+    return None
+
+
+def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
+    """Every SDPA call and every eager softmax-attention pattern of ``gm``, in graph order."""
+    sites = []
+    for node in gm.graph.nodes:
+        if _target_is(node, _SDPA_TARGETS):
+            sites.append(_sdpa_site(node))
+        elif _target_is(node, _SOFTMAX):
+            site = _eager_site(node)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+def skip_reason(site: AttentionSite, have_video_ids: bool) -> str | None:
+    """Why ``site`` must stay dense, or None when it is language-model self-attention we can rewrite."""
+    path = site.module.lower()
+    if any(key in path for key in VISION_PATH_KEYS):
+        return "vision-encoder attention"
+    q, k = _val(site.q), _val(site.k)
+    if q is None or k is None:
+        return "no shape information on q/k"
+    causal_single = isinstance(q.shape[2], int) and q.shape[2] == 1
+    if not site.is_causal and site.attn_mask is None and not causal_single:
+        return "non-causal attention (no mask, is_causal=False): not decoder self-attention"
+    if not site.module:
+        return "no module path recorded by dynamo: no attention module to attach gates to"
+    if site.hidden is None:
+        return "query projection (linear) not found upstream of q: no hidden states for the gates"
+    if q.dtype not in SUPPORTED_DTYPES:
+        return f"dtype {q.dtype} not supported (supported: fp16, bf16, fp32, fp64)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM} not supported"
+    if q.device.type not in ("cpu", "cuda"):
+        return f"device {q.device.type} not supported (cpu, cuda)"
+    if q.shape[1] % k.shape[1] != 0:
+        return f"{q.shape[1]} query heads over {k.shape[1]} key heads is not GQA"
+    if not have_video_ids:
+        return ("video tokens cannot be identified: no vision merge in the graph and no video_token_id in the "
+                "NSAConfig or the model config")
+    return None
