@@ -133,6 +133,9 @@ def _model_token_ids(f_locals: dict, root: nn.Module | None) -> tuple[set[int], 
 
 
 # ------------------------------------------------------------------------------------------ the backend
+# Skips that are the normal case (vision encoders, bidirectional attention) and get no warning.
+_EXPECTED_SKIPS = ("vision-encoder attention", "non-causal attention")
+
 class NSABackend:
     """A ``torch.compile`` backend object; one per compiled model (its `report` covers all of that model's graphs).
 
@@ -178,6 +181,9 @@ class NSABackend:
                     rec.reason = f"module {site.module} not reachable from the compiled frame"
             if rec.reason:
                 log.info("nsa: %s skipped: %s", site.node.name, rec.reason)
+                if not rec.reason.startswith(_EXPECTED_SKIPS):
+                    warnings.warn(f"nsa-compile: attention {site.module or site.node.name} stays dense: {rec.reason}",
+                                  stacklevel=2)
                 continue
             hidden = _val(site.hidden)
             gate = install_gate(module, int(hidden.shape[-1]), int(q.shape[1]), cfg)
