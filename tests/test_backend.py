@@ -214,3 +214,56 @@ def test_missing_runtime_mask_raises_and_video_mask_context_supplies_it():
 def test_invalid_options_name_the_field():
     with pytest.raises(Exception, match="block_size must be a positive int"):
         torch.compile(ToyVLM(), backend="nsa", options={"block_size": 0})(*toy_inputs())
+
+
+def test_inductor_inner_backend_matches_the_reference_and_trains():
+    torch.manual_seed(0)
+    model = ToyVLM()
+    ids, pix = toy_inputs()
+    gates = (0.3, 0.4, 0.3)
+    cfg = NSAConfig(**{**SMALL.to_dict(), "gate": "constant", "gate_init": gates, "inner_backend": "inductor"})
+    out = nsa_compile.compile(model, cfg)(ids, pix)
+    with torch.no_grad():
+        expected = toy_expected(model, ids, pix, gates)
+    assert rel(out.detach(), expected) <= 1e-5
+    out.square().mean().backward()
+    assert model.layers[0].q_proj.weight.grad.abs().sum() > 0
+
+
+def test_unsupported_head_dim_stays_dense_with_a_warning():
+    torch.manual_seed(0)
+    model = ToyVLM(hidden=600, heads=2, kv_heads=1)  # head dim 300 > 256
+    ids, pix = toy_inputs(T=40, spans=((4, 30), (0, 40)))
+    with torch.no_grad():
+        ref = model(ids, pix)
+        compiled = nsa_compile.compile(model, SMALL)
+        with pytest.warns(UserWarning, match="head dim 300"):
+            out = compiled(ids, pix)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert {s.status for s in compiled.nsa_report.sites} == {"skipped"}
+
+
+def test_qwen_left_padded_batch_dense_equivalent():
+    model, proc = tiny_qwen2_5_vl(num_layers=2)
+    a = qwen_inputs(proc, frames=4, h=224, w=336, seed=3)
+    b = qwen_inputs(proc, frames=2, h=168, w=224, seed=4)
+    T = a["input_ids"].shape[1]
+    pad = T - b["input_ids"].shape[1]
+    pad_id = model.generation_config.pad_token_id
+    batch = {
+        "input_ids": torch.cat([a["input_ids"], F.pad(b["input_ids"], (pad, 0), value=pad_id)]),
+        "attention_mask": torch.cat([a["attention_mask"], F.pad(b["attention_mask"], (pad, 0), value=0)]),
+        "mm_token_type_ids": torch.cat([a["mm_token_type_ids"], F.pad(b["mm_token_type_ids"], (pad, 0))]),
+        "pixel_values_videos": torch.cat([a["pixel_values_videos"], b["pixel_values_videos"]]),
+        "video_grid_thw": torch.cat([a["video_grid_thw"], b["video_grid_thw"]]),
+        "second_per_grid_ts": torch.cat([a["second_per_grid_ts"], b["second_per_grid_ts"]]),
+    }
+    with torch.no_grad():
+        ref = model(**batch).logits
+        compiled = nsa_compile.compile(model, SMALL.dense_equivalent())
+        out = compiled(**batch).logits
+    keep = batch["attention_mask"].bool()
+    assert rel(out[keep], ref[keep]) <= 1e-4  # padded positions are not compared
+    tokens = compiled.nsa_report.budget()["video_tokens"]
+    assert tokens == [int(x) for x in (batch["input_ids"] == model.config.video_token_id).sum(-1)]
+    assert tokens[0] != tokens[1]
