@@ -16,6 +16,7 @@ fullgraph capture (as export uses) the mask is wired inside the graph and nothin
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import re
 import threading
@@ -275,5 +276,21 @@ def compile(model, config: NSAConfig | None = None, **torch_compile_kwargs):
     root = model if isinstance(model, nn.Module) else getattr(model, "__self__", None)
     backend = NSABackend(config, root if isinstance(root, nn.Module) else None)
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
+    # Each top-level call starts without a recorded mask, so a forward that shows the compiler no mask source
+    # raises VideoMaskMissing instead of reusing the previous forward's mask.
+    if isinstance(compiled, nn.Module):
+        compiled.register_forward_pre_hook(lambda *_: _forget_mask())
+    else:
+        inner = compiled
+
+        @functools.wraps(model)
+        def compiled(*args, **kwargs):
+            _forget_mask()
+            return inner(*args, **kwargs)
+
     compiled.nsa_report = backend.report
     return compiled
+
+
+def _forget_mask() -> None:
+    _SLOT.recorded = None

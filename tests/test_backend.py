@@ -211,6 +211,20 @@ def test_missing_runtime_mask_raises_and_video_mask_context_supplies_it():
     assert rel(out, model(x)) <= 1e-5
 
 
+def test_a_forward_without_mask_source_never_reuses_the_previous_mask():
+    torch.manual_seed(0)
+    model = ToyVLM()
+    ids, pix = toy_inputs()
+    compiled = nsa_compile.compile(model, SMALL)
+    with torch.no_grad():
+        compiled(ids, pix)  # records a mask of the same shape
+        x = model.embed_tokens(ids)
+        with pytest.raises(nsa_compile.VideoMaskMissing):
+            compiled(inputs_embeds=x)
+        with nsa_compile.video_mask(ids == VIDEO_ID):
+            compiled(inputs_embeds=x)
+
+
 def test_invalid_options_name_the_field():
     with pytest.raises(Exception, match="block_size must be a positive int"):
         torch.compile(ToyVLM(), backend="nsa", options={"block_size": 0})(*toy_inputs())

@@ -48,10 +48,13 @@ class ToyVLM(nn.Module):
         self.layers = nn.ModuleList(ToyAttention(hidden, heads, kv_heads, form) for _ in range(layers))
         self.lm_head = nn.Linear(hidden, vocab)
 
-    def forward(self, input_ids, pixel_values_videos):
-        x = self.embed_tokens(input_ids)
-        mask = (input_ids == self.config.video_token_id).unsqueeze(-1).expand_as(x)
-        x = x.masked_scatter(mask, self.visual(pixel_values_videos))
+    def forward(self, input_ids=None, pixel_values_videos=None, inputs_embeds=None):
+        if inputs_embeds is None:
+            x = self.embed_tokens(input_ids)
+            mask = (input_ids == self.config.video_token_id).unsqueeze(-1).expand_as(x)
+            x = x.masked_scatter(mask, self.visual(pixel_values_videos))
+        else:
+            x = inputs_embeds
         for layer in self.layers:
             x = x + layer(x)
         return self.lm_head(x)
