@@ -28,7 +28,7 @@ from torch import fx, nn
 from .config import NSAConfig
 from .gates import install_gate
 from .passes.attention import _val, find_attention_sites, skip_reason
-from .passes.rewrite import rewrite_graph
+from .passes.rewrite import Rewrite, rewrite_graph
 from .passes.video_mask import find_video_mask
 from .report import CompileReport, GraphRecord, SiteRecord
 
@@ -152,7 +152,13 @@ class NSABackend:
         self.video_ids: set[int] = {self.config.video_token_id} if self.config.video_token_id is not None else set()
         self.image_ids: set[int] = set()
 
-    def __call__(self, gm: fx.GraphModule, example_inputs, **_ignored):
+    def rewrite(self, gm: fx.GraphModule) -> Rewrite | None:
+        """Analyse ``gm`` (a graph dynamo captured), attach gates, record what was found in the report, and return
+        the rewritten copy, or None when the graph has nothing to rewrite and no video mask to record.
+
+        This is the whole pass without compilation; `__call__` compiles its result, `nsa_compile.export` traces it.
+        Must run while dynamo compiles the frame (to reach the attention modules), or with ``model`` given.
+        """
         cfg = self.config
         f_locals = _frame_locals()
         if cfg.video_token_id is None:
@@ -184,7 +190,7 @@ class NSABackend:
                 log.info("nsa: %s skipped: %s", site.node.name, rec.reason)
                 if not rec.reason.startswith(_EXPECTED_SKIPS):
                     warnings.warn(f"nsa-compile: attention {site.module or site.node.name} stays dense: {rec.reason}",
-                                  stacklevel=2)
+                                  stacklevel=3)
                 continue
             hidden = _val(site.hidden)
             gate = install_gate(module, int(hidden.shape[-1]), int(q.shape[1]), cfg)
@@ -198,14 +204,18 @@ class NSABackend:
             record.mask_source = "runtime (recorded by an earlier graph)"
         record.records_mask = source is not None
         if not matched and source is None:
-            return self._inner(gm, example_inputs, rewritten=False)
-
+            return None
         rw = rewrite_graph(gm, matched, source, cfg, record_mask=source is not None)
-        extra = []
         if rw.needs_runtime_mask:
-            extra.append(self._example_mask(matched))
-        extra += rw.gate_params
-        compiled = self._inner(rw.gm, list(example_inputs) + extra)
+            rw.example_mask = self._example_mask(matched)
+        return rw
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, **_ignored):
+        rw = self.rewrite(gm)
+        if rw is None:
+            return self._inner(gm, example_inputs, rewritten=False)
+        extra = [rw.example_mask] if rw.needs_runtime_mask else []
+        compiled = self._inner(rw.gm, list(example_inputs) + extra + rw.gate_params)
         report = self.report
         params = rw.gate_params
 

@@ -22,12 +22,17 @@ from .video_mask import MaskSource, mask_from_input_ids, mask_from_merge
 
 @dataclass
 class Rewrite:
-    """The rewritten graph and what its caller must append to the inputs / strip from the outputs."""
+    """The rewritten graph and what its caller must append to the inputs / strip from the outputs.
+
+    Inputs appended in order: the video mask [B, T] bool when ``needs_runtime_mask`` (``example_mask`` is one of
+    the right shape for tracing), then ``gate_params``. When ``records_mask``, the last output is the video mask.
+    """
 
     gm: fx.GraphModule
     needs_runtime_mask: bool
     records_mask: bool
     gate_params: list[torch.Tensor] = field(default_factory=list)
+    example_mask: torch.Tensor | None = None
 
 
 def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]], source: MaskSource | None,
