@@ -3,8 +3,9 @@ their gates, ``o = g_cmp·o_cmp + g_slc·o_slc + g_swa·o_swa`` (NSA arXiv 2502.
 2510.02295 §3 for the text/video split).
 
 `nsa_reference` is the plain-PyTorch oracle (differentiable, CPU and GPU, fp64 capable). The custom op
-``torch.ops.nsa_compile.nsa_attention`` (with ``nsa_attention_backward``) wraps it so that it stays one opaque node
-under ``torch.compile``, AOTAutograd and ``torch.export``; Triton kernels go behind the same op.
+``torch.ops.nsa_compile.nsa_attention`` (with ``nsa_attention_backward``) stays one opaque node under
+``torch.compile``, AOTAutograd and ``torch.export``; it runs the Triton kernels (`nsa_triton`) where `use_triton`
+says so and the reference elsewhere.
 """
 
 from __future__ import annotations
@@ -66,10 +67,27 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
 
 
 # ----------------------------------------------------------------------------------------------- the custom op
+def use_triton(q: Tensor, attn_mask: Tensor | None) -> bool:
+    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32 without an ``attn_mask``; everything
+    else (CPU, fp64, masks such as padding) runs the reference."""
+    if not q.is_cuda or attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @torch.library.custom_op("nsa_compile::nsa_attention", mutates_args=())
 def _nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, attn_mask: Tensor | None,
                    scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
                    window_size: int) -> Tensor:
+    if use_triton(q, attn_mask):
+        from .nsa_triton import nsa_triton_forward
+        check_inputs(q, k, v, gates, video_mask)
+        return nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride,
+                                  selection_block_size, top_n, window_size).contiguous()
     return nsa_reference(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
                          selection_block_size, top_n, window_size)
 
@@ -85,6 +103,12 @@ def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, g
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
                             selection_block_size: int, top_n: int, window_size: int
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if use_triton(q, attn_mask):
+        from .nsa_triton import nsa_triton_backward
+        grads = nsa_triton_backward(grad_out, q, k, v, gates, video_mask, scale, block_size, block_stride,
+                                    selection_block_size, top_n, window_size)
+        return tuple(g.contiguous() for g in grads)
+
     # Recompute-based backward through the reference (torch.func.vjp: autograd is off inside an op's kernel);
     # the top-n block choice is not differentiated (NSA §3.3.2).
     def forward(q_, k_, v_, g_):

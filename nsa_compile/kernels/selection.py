@@ -18,28 +18,35 @@ from .common import VideoLayout, causal_attention
 
 
 @torch.no_grad()
-def select_blocks(p_cmp: Tensor, layout: VideoLayout, Tq: int, top_n: int) -> Tensor:
-    """Top-n past video blocks of every query, shared by the heads of a GQA group.
+def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_n: int) -> Tensor:
+    """Top-n past video blocks of each query, shared by the heads of a GQA group.
 
     Args:
-        p_cmp: [B, Hkv, G, Tq, Nc] compression probabilities (from `compression_reference`).
-        layout: `video_layout` of the keys; Tq: number of queries (the last Tq positions); top_n: n.
+        p_cmp: [B, Hkv, G, C, Nc] compression probabilities of C queries (from the compression branch).
+        layout: `video_layout` of the keys; positions: long [C], the queries' key positions; top_n: n.
     Returns:
-        bool [B, Hkv, 1, Tq, Ns]: the selected blocks. Candidates are blocks that end before the query's own
-        block starts; when fewer than n exist all are taken; of equal scores the earlier block wins.
+        long [B, Hkv, C, min(n, Ns)]: selection block ids, −1 where fewer than n candidates exist. Candidates are
+        blocks that end before the query's own block starts; of equal scores the earlier block wins.
     """
-    Tk = layout.is_video.shape[1]
     overlap = ((layout.cmp_block_start[:, :, None] <= layout.sel_block_end[:, None, :])
                & (layout.cmp_block_end[:, :, None] >= layout.sel_block_start[:, None, :])).to(p_cmp.dtype)
-    scores = torch.einsum("bhqc,bcs->bhqs", p_cmp.sum(2), overlap)  # [B, Hkv, Tq, Ns]
-    own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
-    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, Tq, Ns]
+    scores = torch.einsum("bhqc,bcs->bhqs", p_cmp.sum(2), overlap)  # [B, Hkv, C, Ns]
+    own_start = layout.sel_start[:, positions]  # [B, C]
+    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, C, Ns]
     scores = scores.masked_fill(~candidate[:, None], float("-inf"))
     n = min(top_n, scores.shape[-1])
-    top_values, top_indices = scores.sort(dim=-1, descending=True, stable=True)  # ties go to the earlier block
-    selected = torch.zeros_like(scores, dtype=torch.bool)
-    selected.scatter_(-1, top_indices[..., :n], torch.isfinite(top_values[..., :n]))
-    return selected[:, :, None]
+    values, ids = scores.sort(dim=-1, descending=True, stable=True)
+    return torch.where(torch.isfinite(values[..., :n]), ids[..., :n], -1)
+
+
+def select_blocks(p_cmp: Tensor, layout: VideoLayout, Tq: int, top_n: int) -> Tensor:
+    """`select_block_ids` of the last Tq positions as a bool mask [B, Hkv, 1, Tq, Ns]."""
+    Tk = layout.is_video.shape[1]
+    ids = select_block_ids(p_cmp, layout, torch.arange(Tk - Tq, Tk, device=p_cmp.device), top_n)
+    selected = torch.zeros(ids.shape[:3] + (layout.sel_block_start.shape[1] + 1,), dtype=torch.bool,
+                           device=ids.device)
+    selected.scatter_(-1, torch.where(ids < 0, selected.shape[-1] - 1, ids), True)
+    return selected[..., :-1][:, :, None]
 
 
 def selection_reference(q: Tensor, k: Tensor, v: Tensor, layout: VideoLayout, selected: Tensor, scale: float,

@@ -1,0 +1,301 @@
+"""The one Triton attention kernel every NSA branch runs on: softmax attention of a tile of query rows over a set
+of key segments, with a per-row predicate that says which keys each row may see.
+
+A tile holds ``BLOCK_T`` query positions × the ``G`` query heads of one GQA group (rows ``r = t·GP + g``, ``GP`` the
+group rounded up to a power of two), so all heads of a group share every K/V load and ``tl.dot`` gets ≥ 16 rows for
+any group size (NSA arXiv 2502.11089 §3.4 shares the selection across a group for the same reason; we also stack
+positions, which keeps tensor cores busy when G is small, e.g. Qwen2.5-VL-7B's 7).
+
+Modes (``MODE``):
+    0 dense      keys 0 … p                      (text queries)
+    1 window     keys p−w+1 … p                  (sliding-window branch)
+    2 compressed compressed keys c with end[c] ≤ p (compression branch; also returns the log-sum-exp)
+    3 selection  listed segments (start, length, block id): a text segment (id −1) or the row's own block is seen
+                 causally, any other block only when the row selected it (selection branch)
+
+Forward writes ``o`` (fp32) and ``lse`` (fp32, +inf for a row with nothing to see: its output is 0). Backward
+recomputes the probabilities from ``lse``, accumulates dq per tile and adds dk, dv with fp32 atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+DENSE, WINDOW, COMPRESSED, SELECTION = 0, 1, 2, 3
+
+
+@triton.jit
+def _tile_rows(tile, Tq, Tk, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
+    r = tl.arange(0, BLOCK_T * GP)
+    t = tile * BLOCK_T + r // GP
+    g = r % GP
+    valid = (g < G) & (t < Tq)
+    p = Tk - Tq + t
+    return t, g, valid, p
+
+
+@triton.jit
+def _segment(MODE: tl.constexpr, i, lo, SEG, seg_base, BLOCK_N: tl.constexpr):
+    """First key and length of the i-th segment (implicit BLOCK_N strides from ``lo``, or listed)."""
+    if MODE == 3:
+        start = tl.load(SEG + seg_base + i * 3).to(tl.int64)
+        length = tl.load(SEG + seg_base + i * 3 + 1)
+        sid = tl.load(SEG + seg_base + i * 3 + 2)
+    else:
+        start = (lo + i * BLOCK_N).to(tl.int64)
+        length = BLOCK_N
+        sid = -1
+    return start, length, sid
+
+
+@triton.jit
+def _visible(MODE: tl.constexpr, c, c_ok, p, KEND, kend_base, window, sid, own, sel):
+    """[rows, keys] mask of what each row sees among keys ``c``."""
+    if MODE == 0:
+        m = c[None, :] <= p[:, None]
+    elif MODE == 1:
+        m = (c[None, :] <= p[:, None]) & (c[None, :] > p[:, None] - window)
+    elif MODE == 2:
+        end = tl.load(KEND + kend_base + c, mask=c_ok, other=2147483647)
+        m = end[None, :] <= p[:, None]
+    else:
+        chosen = tl.sum((sel == sid).to(tl.int32), axis=1) > 0
+        row_ok = (sid == -1) | (own == sid) | chosen
+        m = (c[None, :] <= p[:, None]) & row_ok[:, None]
+    return m & c_ok[None, :]
+
+
+@triton.jit
+def _fwd(Q, K, V, O, LSE, KEND, SEG, NSEG, OWN, SEL, NEED,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+         Tq, Tk, Nk, n_tiles, window, scale,
+         G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+         D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr, MODE: tl.constexpr,
+         PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    t, g, valid, p = _tile_rows(tile, Tq, Tk, G, GP, BLOCK_T)
+    need = tl.load(NEED + b * Tq + t, mask=valid, other=0)
+    if tl.max(need, axis=0) == 0:
+        return
+    h = hkv * G + g
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+
+    own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid & (MODE == 3), other=-3)
+    sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
+                  mask=valid[:, None] & (MODE == 3), other=-3)
+    seg_base = ((b * HKV + hkv).to(tl.int64) * n_tiles + tile) * U * 3
+    p_lo = Tk - Tq + tile * BLOCK_T
+    p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
+    if MODE == 0:
+        lo = 0
+        n_seg = tl.cdiv(p_hi, BLOCK_N)
+    elif MODE == 1:
+        lo = tl.maximum(p_lo - window + 1, 0)
+        n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
+    elif MODE == 2:
+        lo = 0
+        n_seg = tl.cdiv(Nk, BLOCK_N)
+    else:
+        lo = 0
+        n_seg = tl.load(NSEG + (b * HKV + hkv) * n_tiles + tile)
+
+    m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * GP], tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for i in range(0, n_seg):
+        start, length, sid = _segment(MODE, i, lo, SEG, seg_base, BLOCK_N)
+        c = start + n
+        c_ok = (n < length) & (c < Nk)
+        k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.where(_visible(MODE, c, c_ok, p, KEND, b.to(tl.int64) * Nk, window, sid, own, sel), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(e, axis=1)
+        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    o_ptr = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
+    tl.store(o_ptr[:, None] + dv[None, :], out, mask=valid[:, None])
+    tl.store(LSE + (b.to(tl.int64) * (HKV * G) + h) * Tq + t, lse, mask=valid)
+
+
+@triton.jit
+def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+         Tq, Tk, Nk, n_tiles, window, scale,
+         G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+         D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr, MODE: tl.constexpr,
+         PRECISION: tl.constexpr):
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    t, g, valid, p = _tile_rows(tile, Tq, Tk, G, GP, BLOCK_T)
+    need = tl.load(NEED + b * Tq + t, mask=valid, other=0)
+    if tl.max(need, axis=0) == 0:
+        return
+    valid = valid & (need != 0)
+    h = hkv * G + g
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    o_off = b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
+    do = tl.load(DO + o_off[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
+    row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
+    lse = tl.load(LSE + row, mask=valid, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    kv_off = (b * HKV + hkv).to(tl.int64) * Nk
+    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+
+    own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid & (MODE == 3), other=-3)
+    sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
+                  mask=valid[:, None] & (MODE == 3), other=-3)
+    seg_base = ((b * HKV + hkv).to(tl.int64) * n_tiles + tile) * U * 3
+    p_lo = Tk - Tq + tile * BLOCK_T
+    p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
+    if MODE == 0:
+        lo = 0
+        n_seg = tl.cdiv(p_hi, BLOCK_N)
+    elif MODE == 1:
+        lo = tl.maximum(p_lo - window + 1, 0)
+        n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
+    elif MODE == 2:
+        lo = 0
+        n_seg = tl.cdiv(Nk, BLOCK_N)
+    else:
+        lo = 0
+        n_seg = tl.load(NSEG + (b * HKV + hkv) * n_tiles + tile)
+
+    dq = tl.zeros([BLOCK_T * GP, D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for i in range(0, n_seg):
+        start, length, sid = _segment(MODE, i, lo, SEG, seg_base, BLOCK_N)
+        c = start + n
+        c_ok = (n < length) & (c < Nk)
+        k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = _visible(MODE, c, c_ok, p, KEND, b.to(tl.int64) * Nk, window, sid, own, sel) & valid[:, None]
+        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = pr * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+        dvv = tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
+        tl.atomic_add(DK + (kv_off + c)[:, None] * D + d[None, :], dk, mask=c_ok[:, None])
+        tl.atomic_add(DV_ + (kv_off + c)[:, None] * DV + dv[None, :], dvv, mask=c_ok[:, None])
+    tl.store(DQ + row[:, None] * D + d[None, :], dq * scale, mask=valid[:, None])
+
+
+def _geometry(Hq: int, Hkv: int):
+    G = Hq // Hkv
+    GP = triton.next_power_of_2(G)
+    BLOCK_T = max(1, 128 // GP) if GP <= 16 else 1
+    return G, GP, BLOCK_T
+
+
+def _dummies(device):
+    z32 = torch.zeros(1, dtype=torch.int32, device=device)
+    return z32
+
+
+class SegmentPlan:
+    """What a launch needs besides q, k, v: the mode, the rows that need it, and the mode's tables.
+
+    Args:
+        mode: one of DENSE, WINDOW, COMPRESSED, SELECTION; need: int8 [B, Tq] rows whose output is used;
+        tk: number of key positions Tk (queries are the last Tq of them); window: w (WINDOW); kend: int32 [B, Nk] last key position of each compressed key (COMPRESSED);
+        segments: int32 [B, Hkv, n_tiles, U, 3] and counts int32 [B, Hkv, n_tiles] (SELECTION);
+        own: int32 [B, Tk] own selection block of each position (−2 for text); selected: int32 [B, Hkv, Tq, n].
+    """
+
+    def __init__(self, mode, need, tk, own, window=1, kend=None, segments=None, counts=None, selected=None,
+                 block_n=64):
+        self.mode, self.need, self.tk, self.window = mode, need, tk, window
+        self.kend, self.segments, self.counts, self.own, self.selected = kend, segments, counts, own, selected
+        self.block_n = block_n
+
+
+def _args(q, k, v, plan: SegmentPlan):
+    dev = q.device
+    z = _dummies(dev)
+    kend = plan.kend if plan.kend is not None else z
+    seg = plan.segments if plan.segments is not None else z
+    cnt = plan.counts if plan.counts is not None else z
+    own = plan.own if plan.own is not None else z
+    sel = plan.selected if plan.selected is not None else z
+    n_sel = sel.shape[-1] if plan.selected is not None else 1
+    U = seg.shape[-2] if plan.segments is not None else 1
+    return kend, seg, cnt, own, sel, triton.next_power_of_2(n_sel), U
+
+
+def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan):
+    """Forward of one mode. q [B, Hq, Tq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv] (Nk = Tk, or the compressed
+    count in COMPRESSED mode). Returns (o fp32 [B, Hq, Tq, Dv],
+    lse fp32 [B, Hq, Tq]); rows not in ``plan.need`` hold garbage."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    Tk = plan.tk
+    G, GP, BLOCK_T = _geometry(Hq, Hkv)
+    n_tiles = triton.cdiv(Tq, BLOCK_T)
+    # poisoned: a row the kernel should have written and did not shows up as NaN
+    o = torch.full((B, Hq, Tq, Dv), float("nan"), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
+    kend, seg, cnt, own, sel, n_sel_p2, U = _args(q, k, v, plan)
+    if plan.selected is not None and n_sel_p2 != sel.shape[-1]:
+        sel = torch.nn.functional.pad(sel, (0, n_sel_p2 - sel.shape[-1]), value=-3)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _fwd[(n_tiles, B * Hkv)](
+        q, k, v, o, lse, kend, seg, cnt, own, sel, plan.need,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+        Tq, Tk, Nk, n_tiles, plan.window, scale,
+        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
+        MODE=plan.mode, PRECISION=precision)
+    return o, lse
+
+
+def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
+    """Backward of one mode: (dq [B, Hq, Tq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv]) in fp32; rows not in
+    ``plan.need`` contribute nothing."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    Tk = plan.tk
+    G, GP, BLOCK_T = _geometry(Hq, Hkv)
+    n_tiles = triton.cdiv(Tq, BLOCK_T)
+    do = do.contiguous()
+    o = o.contiguous()
+    delta = (o.float() * do.float()).sum(-1).contiguous()
+    dq = torch.zeros(B, Hq, Tq, D, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, Hkv, Nk, D, dtype=torch.float32, device=q.device)
+    dvv = torch.zeros(B, Hkv, Nk, Dv, dtype=torch.float32, device=q.device)
+    kend, seg, cnt, own, sel, n_sel_p2, U = _args(q, k, v, plan)
+    if plan.selected is not None and n_sel_p2 != sel.shape[-1]:
+        sel = torch.nn.functional.pad(sel, (0, n_sel_p2 - sel.shape[-1]), value=-3)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    do_c = do.to(q.dtype)
+    _bwd[(n_tiles, B * Hkv)](
+        q, k, v, do_c, lse, delta, dq, dk, dvv, kend, seg, cnt, own, sel, plan.need,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do_c.stride()[:3],
+        Tq, Tk, Nk, n_tiles, plan.window, scale,
+        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
+        MODE=plan.mode, PRECISION=precision)
+    return dq, dk, dvv
