@@ -206,11 +206,12 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
     tl.store(DQ + row[:, None] * D + d[None, :], dq * scale, mask=valid[:, None])
 
 
-def _geometry(Hq: int, Hkv: int):
+def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16):
+    """(G, G rounded up to a power of two, positions per tile): 128 rows per tile, 64 for fp32 (shared memory)."""
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
-    BLOCK_T = max(1, 128 // GP) if GP <= 16 else 1
-    return G, GP, BLOCK_T
+    rows = 64 if dtype == torch.float32 else 128
+    return G, GP, max(1, rows // GP)
 
 
 def _dummies(device):
@@ -255,7 +256,7 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan):
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     Tk = plan.tk
-    G, GP, BLOCK_T = _geometry(Hq, Hkv)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
     n_tiles = triton.cdiv(Tq, BLOCK_T)
     # poisoned: a row the kernel should have written and did not shows up as NaN
     o = torch.full((B, Hq, Tq, Dv), float("nan"), dtype=torch.float32, device=q.device)
@@ -269,7 +270,7 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         Tq, Tk, Nk, n_tiles, plan.window, scale,
         G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
-        MODE=plan.mode, PRECISION=precision)
+        MODE=plan.mode, PRECISION=precision, num_stages=1 if q.dtype == torch.float32 else 2)
     return o, lse
 
 
@@ -279,7 +280,7 @@ def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     Tk = plan.tk
-    G, GP, BLOCK_T = _geometry(Hq, Hkv)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
     n_tiles = triton.cdiv(Tq, BLOCK_T)
     do = do.contiguous()
     o = o.contiguous()
@@ -297,5 +298,5 @@ def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do_c.stride()[:3],
         Tq, Tk, Nk, n_tiles, plan.window, scale,
         G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
-        MODE=plan.mode, PRECISION=precision)
+        MODE=plan.mode, PRECISION=precision, num_stages=1)
     return dq, dk, dvv

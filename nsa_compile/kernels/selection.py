@@ -17,6 +17,24 @@ from torch import Tensor
 from .common import VideoLayout, causal_attention
 
 
+def _block_scores(p: Tensor, layout: VideoLayout) -> Tensor:
+    """Selection-block scores [B, Hkv, C, Ns] from group-summed compression probabilities p [B, Hkv, C, Nc]: the
+    sum over the compression blocks overlapping each selection block. Blocks are ordered by position, so each
+    selection block overlaps a contiguous band of at most ``w`` compression blocks: a gather, not an Nc × Ns
+    matrix product."""
+    B, Hkv, C, Nc = p.shape
+    sel_start, sel_end = layout.sel_block_start, layout.sel_block_end  # [B, Ns]
+    first = torch.searchsorted(layout.cmp_block_end.contiguous(), sel_start.contiguous())  # first c with end ≥ start
+    last = torch.searchsorted(layout.cmp_block_start.contiguous(), sel_end.contiguous(), right=True)  # exclusive
+    last = torch.where(sel_start < layout.is_video.shape[1], last, first)  # padded selection blocks: empty band
+    width = max(1, int((last - first).max()))
+    idx = first[:, :, None] + torch.arange(width, device=p.device)  # [B, Ns, width]
+    ok = (idx < last[:, :, None]) & (idx < Nc)
+    p = torch.nn.functional.pad(p, (0, 1))  # column Nc is zero
+    idx = torch.where(ok, idx, Nc).reshape(B, 1, 1, -1).expand(B, Hkv, C, -1)
+    return p.gather(-1, idx).reshape(B, Hkv, C, -1, width).sum(-1)
+
+
 @torch.no_grad()
 def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_n: int) -> Tensor:
     """Top-n past video blocks of each query, shared by the heads of a GQA group.
@@ -28,9 +46,7 @@ def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_
         long [B, Hkv, C, min(n, Ns)]: selection block ids, −1 where fewer than n candidates exist. Candidates are
         blocks that end before the query's own block starts; of equal scores the earlier block wins.
     """
-    overlap = ((layout.cmp_block_start[:, :, None] <= layout.sel_block_end[:, None, :])
-               & (layout.cmp_block_end[:, :, None] >= layout.sel_block_start[:, None, :])).to(p_cmp.dtype)
-    scores = torch.einsum("bhqc,bcs->bhqs", p_cmp.sum(2), overlap)  # [B, Hkv, C, Ns]
+    scores = _block_scores(p_cmp.sum(2), layout)  # [B, Hkv, C, Ns]
     own_start = layout.sel_start[:, positions]  # [B, C]
     candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, C, Ns]
     scores = scores.masked_fill(~candidate[:, None], float("-inf"))
