@@ -34,19 +34,20 @@ def compress_kv(k: Tensor, v: Tensor, layout: VideoLayout) -> tuple[Tensor, Tens
     return pool(k), pool(v)
 
 
-def compression_reference(q: Tensor, k: Tensor, v: Tensor, layout: VideoLayout, scale: float
-                          ) -> tuple[Tensor, Tensor]:
+def compression_reference(q: Tensor, k: Tensor, v: Tensor, layout: VideoLayout, scale: float,
+                          positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention of every query over the compressed blocks visible to it.
 
     Args:
         q: [B, Hkv, G, Tq, D] (queries grouped by their KV head; query i at position Tk−Tq+i);
-        k, v: [B, Hkv, Tk, D]; layout: `video_layout` of the keys; scale: softmax scale (1/sqrt(D) usually).
+        k, v: [B, Hkv, Tk, D]; layout: `video_layout` of the keys; scale: softmax scale (1/sqrt(D) usually);
+        positions: long [Tq], the queries' key positions (default: the last Tq).
     Returns:
         (o_cmp [B, Hkv, G, Tq, Dv], p_cmp [B, Hkv, G, Tq, Nc]): the output and the softmax probabilities that score
         the selection blocks. A query with no visible block gets zeros in both.
     """
     Tq, Tk = q.shape[3], k.shape[2]
     k_cmp, v_cmp = compress_kv(k, v, layout)
-    p = torch.arange(Tk - Tq, Tk, device=q.device)
+    p = torch.arange(Tk - Tq, Tk, device=q.device) if positions is None else positions
     visible = layout.cmp_block_end[:, None, None, None, :] <= p[None, None, None, :, None]  # [B,1,1,Tq,Nc]
     return masked_attention(q, k_cmp, v_cmp, visible, scale)

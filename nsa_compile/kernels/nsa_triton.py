@@ -34,7 +34,7 @@ def _selection_plan(q, k_cmp, lse_cmp, layout: VideoLayout, scale, top_n, sel_si
     B, Hq, Tq, D = q.shape
     Hkv, Nc = k_cmp.shape[1], k_cmp.shape[2]
     Tk = layout.is_video.shape[1]
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, SELECTION)
     dev = q.device
     q5 = q.reshape(B, Hkv, G, Tq, D)
     lse5 = lse_cmp.reshape(B, Hkv, G, Tq)

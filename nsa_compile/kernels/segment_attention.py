@@ -206,11 +206,13 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
     tl.store(DQ + row[:, None] * D + d[None, :], dq * scale, mask=valid[:, None])
 
 
-def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16):
-    """(G, G rounded up to a power of two, positions per tile): 128 rows per tile, 64 for fp32 (shared memory)."""
+def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE):
+    """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
+    fp32, for shared memory); the selection mode takes 16 rows, as few positions as ``tl.dot`` allows, because a
+    tile reads the union of its positions' selected blocks."""
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
-    rows = 64 if dtype == torch.float32 else 128
+    rows = 16 if mode == SELECTION else 64 if dtype == torch.float32 else 128
     return G, GP, max(1, rows // GP)
 
 
@@ -256,7 +258,7 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan):
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     Tk = plan.tk
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
     n_tiles = triton.cdiv(Tq, BLOCK_T)
     # poisoned: a row the kernel should have written and did not shows up as NaN
     o = torch.full((B, Hq, Tq, Dv), float("nan"), dtype=torch.float32, device=q.device)
@@ -280,7 +282,7 @@ def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     Tk = plan.tk
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
     n_tiles = triton.cdiv(Tq, BLOCK_T)
     do = do.contiguous()
     o = o.contiguous()

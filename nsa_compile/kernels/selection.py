@@ -44,15 +44,22 @@ def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_
         layout: `video_layout` of the keys; positions: long [C], the queries' key positions; top_n: n.
     Returns:
         long [B, Hkv, C, min(n, Ns)]: selection block ids, −1 where fewer than n candidates exist. Candidates are
-        blocks that end before the query's own block starts; of equal scores the earlier block wins.
+        blocks that end before the query's own block starts; of equal scores the earlier block wins (up to
+        2**21 blocks per sequence).
     """
     scores = _block_scores(p_cmp.sum(2), layout)  # [B, Hkv, C, Ns]
     own_start = layout.sel_start[:, positions]  # [B, C]
     candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, C, Ns]
-    scores = scores.masked_fill(~candidate[:, None], float("-inf"))
-    n = min(top_n, scores.shape[-1])
-    values, ids = scores.sort(dim=-1, descending=True, stable=True)
-    return torch.where(torch.isfinite(values[..., :n]), ids[..., :n], -1)
+    # Exact order "higher score first, then earlier block": one int64 key per block (the float32 bits of a
+    # non-negative score are monotonic), so a plain top-k is deterministic and needs no sort of all blocks.
+    Ns = scores.shape[-1]
+    bits = scores.float().clamp_min(0).view(torch.int32).long()
+    key = (bits << 21) + ((1 << 21) - 1 - torch.arange(Ns, device=scores.device))
+    key = torch.where(candidate[:, None], key, -1)
+    n = min(top_n, Ns)
+    top = key.topk(n, dim=-1).indices
+    chosen = key.gather(-1, top) >= 0
+    return torch.where(chosen, top, -1)
 
 
 def select_blocks(p_cmp: Tensor, layout: VideoLayout, Tq: int, top_n: int) -> Tensor:

@@ -81,5 +81,38 @@ def test_triton_gpu_against_reference(dtype, T, ranges):
                         cfg.top_n, cfg.window_size)
     ref.backward(go.float())
     assert rel(out.float(), ref.detach()) <= 1e-2
-    for name, a, b in zip("qkvg", dev, ref_in):
+    for name, a, b in zip("qkv", dev, ref_in):
         assert rel(a.grad.float(), b.grad) <= 1e-2, name
+    # Gate gradients are Σ dO·o_branch per row: where near-tied block scores flip a selection between the bf16
+    # kernels and the fp32 reference, o_slc differs for that row. Compare the rows whose selections agree, and
+    # require such flips to be rare.
+    same = same_selection(q, k, v, gates, vm, cfg).cuda()  # [B, Hkv, T]
+    assert same.float().mean() > 0.95
+    rows = same.repeat_interleave(7, 1)  # [B, Hq, T]
+    assert rel(dev[3].grad.float()[rows], ref_in[3].grad[rows]) <= 1e-2
+
+
+def same_selection(q, k, v, gates, vm, cfg):
+    """bool [B, Hkv, T]: the Triton path and the fp32 reference select the same blocks."""
+    from nsa_compile.kernels.common import video_layout
+    from nsa_compile.kernels.compression import compression_reference
+    from nsa_compile.kernels.selection import select_block_ids
+
+    keep = {}
+    qc, kc, vc, gc = (x.cuda() for x in (q, k, v, gates))
+    scale = q.shape[-1] ** -0.5
+    params = (cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
+    nsa_triton_forward(qc, kc, vc, gc, vm.cuda(), scale, *params, _keep=keep)
+    ours = keep["branches"]["selection"][0].selected.long()
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    layout = video_layout(vm.cuda(), T, cfg.block_size, cfg.block_stride, cfg.selection_block_size)
+    ids = []
+    for c0 in range(0, T, 1024):
+        q5 = qc.float()[:, :, c0:c0 + 1024].reshape(B, Hkv, Hq // Hkv, -1, D)
+        _, p = compression_reference(q5, kc.float(), vc.float(), layout, scale, positions=torch.arange(
+            c0, min(T, c0 + 1024), device="cuda"))
+        ids.append(select_block_ids(p, layout, torch.arange(c0, min(T, c0 + 1024), device="cuda"), cfg.top_n))
+    ref = torch.cat(ids, 2)
+    ours = torch.where(ours < 0, -1, ours)[..., : ref.shape[-1]]
+    return (ours.sort(-1).values == ref.sort(-1).values).all(-1).cpu()
