@@ -1,10 +1,11 @@
-"""The NSA op on a CUDA GPU: half precision against the fp64 reference (bf16 is only meaningful on the GPU)."""
+"""The reference on a CUDA GPU (half precision against fp64; bf16 is only meaningful on the GPU), and the backend
+on the GPU. The Triton path is tested in test_nsa_triton.py."""
 
 import pytest
 import torch
 
 from nsa_compile import NSAConfig
-from nsa_compile.kernels import nsa_attention
+from nsa_compile.kernels import nsa_reference
 from tests.kernels.test_nsa import make, rel, spans
 
 pytestmark = pytest.mark.gpu
@@ -14,17 +15,18 @@ CFG = NSAConfig(block_size=32, block_stride=16, selection_block_size=64, top_n=4
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2), (torch.float16, 1e-2)],
                          ids=["fp32", "bf16", "fp16"])
-def test_cuda_matches_fp64_reference_forward_and_backward(dtype, tol):
+def test_reference_on_cuda_matches_fp64_forward_and_backward(dtype, tol):
     B, Hq, Hkv, T = 2, 28, 4, 1024
     # the same (rounded) inputs for both: the comparison measures the computation, not the input rounding
     q, k, v, gates = (t.to(dtype).double() for t in make(B, Hq, Hkv, T, T, D=128, seed=7))
     vm = spans(B, T, [[(40, 1000)], [(0, 300), (320, 1024)]])
     ref_in = [t.clone().requires_grad_() for t in (q, k, v, gates)]
-    ref = nsa_attention(*ref_in, vm, CFG)
+    params = (None, None, CFG.block_size, CFG.block_stride, CFG.selection_block_size, CFG.top_n, CFG.window_size)
+    ref = nsa_reference(*ref_in, vm, *params)
     go = torch.randn_like(ref)
     ref.backward(go)
     dev = [t.to("cuda", dtype).requires_grad_() for t in (q, k, v, gates)]
-    out = nsa_attention(*dev, vm.cuda(), CFG)
+    out = nsa_reference(*dev, vm.cuda(), *params)
     out.backward(go.to("cuda", dtype))
     assert out.dtype == dtype
     assert rel(out.double().cpu(), ref.detach()) <= tol
