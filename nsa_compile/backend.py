@@ -287,19 +287,30 @@ def compile(model, config: NSAConfig | None = None, **torch_compile_kwargs):
     backend = NSABackend(config, root if isinstance(root, nn.Module) else None)
     compiled = torch.compile(model, backend=backend, **torch_compile_kwargs)
     # Each top-level call starts without a recorded mask, so a forward that shows the compiler no mask source
-    # raises VideoMaskMissing instead of reusing the previous forward's mask.
+    # raises VideoMaskMissing instead of reusing the previous forward's mask; and a call that reached none of our
+    # graphs (dynamo ran the frame eagerly, e.g. past its recompile limit) is reported, not silently dense.
     if isinstance(compiled, nn.Module):
         compiled.register_forward_pre_hook(lambda *_: _forget_mask())
+        compiled.register_forward_hook(lambda *_: _check_compiled(backend))
     else:
         inner = compiled
 
         @functools.wraps(model)
         def compiled(*args, **kwargs):
             _forget_mask()
-            return inner(*args, **kwargs)
+            out = inner(*args, **kwargs)
+            _check_compiled(backend)
+            return out
 
     compiled.nsa_report = backend.report
     return compiled
+
+
+def _check_compiled(backend: NSABackend) -> None:
+    if not backend.report.graphs:
+        warnings.warn("nsa-compile: this call ran without any graph compiled by the nsa backend (dynamo ran it "
+                      "eagerly, e.g. after reaching its recompile limit), so attention stayed dense; call "
+                      "torch._dynamo.reset() before compiling the same model again", stacklevel=3)
 
 
 def _forget_mask() -> None:

@@ -155,7 +155,7 @@ class NSAConfig:
 
     def dense_equivalent(self) -> "NSAConfig":
         """The setting in which NSA reproduces dense causal attention: constant gates (0, 1, 0) and a top-n
-        larger than any sequence's block count. Used by tests and by ``nsa-compile run`` as a sanity check."""
+        larger than any sequence's block count (README, "Attention semantics")."""
         return dataclasses.replace(self, gate="constant", gate_init=(0.0, 1.0, 0.0), top_n=1 << 30)
 
 
