@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-new-tokens", type=int, default=4, help="tokens to generate (default 4; 0: none)")
     inspect = sub.add_parser("inspect", help="compile and run one short forward (2 small frames), print the report")
     _add_common(inspect)
+    from .export import add_export_command
+    add_export_command(sub)
     return parser
 
 
@@ -249,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and (value < 0 or (value == 0 and name != "max_new_tokens")):
             print(f"nsa-compile: error: --{name.replace('_', '-')} must be positive, got {value}", file=sys.stderr)
             return 2
+    if args.command == "export":
+        from .export import run_export
+        return run_export(args)
     try:
         res = cmd_run(args) if args.command == "run" else cmd_inspect(args)
     except Exception as e:  # noqa: BLE001 - input errors become one line; anything else keeps its traceback

@@ -44,7 +44,7 @@ class AttentionSite:
     Attributes:
         form: ``"sdpa"`` or ``"eager"``; node: the node whose value is the attention output [B, Hq, Tq, Dv];
         q, k, v: nodes of [B, Hq, Tq, D] and [B, Hkv, Tk, D] (K/V un-repeated); attn_mask: mask node or None;
-        is_causal: the call's flag; scale: softmax scale (None: 1/sqrt(D)); module: the module path from
+        is_causal: the call's flag; scale: softmax scale (None: 1/sqrt(D); a node when computed in the graph); module: the module path from
         ``nn_module_stack`` (``""`` when dynamo recorded none); hidden: the attention-input hidden states
         [B, Tq, hidden] feeding the query projection, or None.
     """
@@ -56,7 +56,7 @@ class AttentionSite:
     v: fx.Node
     attn_mask: fx.Node | None
     is_causal: bool
-    scale: float | None
+    scale: float | fx.Node | None
     module: str
     module_type: str
     hidden: fx.Node | None
@@ -116,8 +116,10 @@ def _sdpa_site(node: fx.Node) -> AttentionSite:
     scale = args.get("scale")
     module, typ = _module_of(node)
     k, v = unrepeat_kv(args["key"]), unrepeat_kv(args["value"])
+    if scale is not None and not isinstance(scale, fx.Node):  # a node: a scale computed in the graph (dynamic)
+        scale = float(scale)
     return AttentionSite("sdpa", node, args["query"], k, v, args.get("attn_mask"), bool(args.get("is_causal", False)),
-                         None if scale is None else float(scale), module, typ, attention_input(args["query"]))
+                         scale, module, typ, attention_input(args["query"]))
 
 
 def _eager_site(softmax: fx.Node) -> AttentionSite | None:

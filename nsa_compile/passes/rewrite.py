@@ -77,14 +77,17 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
             gate_inputs.append(new_input(f"nsa_gate_{i}_{j}", p))
             params.append(p)
         q = _val(site.q)
-        scale = site.scale if site.scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        if isinstance(site.scale, fx.Node):
+            scale = env[site.scale]
+        else:
+            scale = float(site.scale if site.scale is not None else 1.0 / math.sqrt(q.shape[-1]))
         node = env[site.node]
         with graph.inserting_before(node):
             gates = graph.call_function(gate_forward, (env[site.hidden], gate.kind, gate.heads, gate.temperature,
                                                        tuple(config.gate_init), *gate_inputs))
             attn_mask = env[site.attn_mask] if isinstance(site.attn_mask, fx.Node) else None
             out = graph.call_function(torch.ops.nsa_compile.nsa_attention.default, (
-                env[site.q], env[site.k], env[site.v], gates, mask, attn_mask, float(scale), config.block_size,
+                env[site.q], env[site.k], env[site.v], gates, mask, attn_mask, scale, config.block_size,
                 config.block_stride, config.selection_block_size, config.top_n, config.window_size))
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
