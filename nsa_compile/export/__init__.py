@@ -1,5 +1,5 @@
 """Export of models with NSA attention: ONNX (`to_onnx`, modes ``decomposed`` and ``plugin``) and TensorRT
-(`to_tensorrt`). See ``nsa_compile/export/README.md``.
+(`to_tensorrt`). See ``docs/export.md``.
 
     from nsa_compile.export import LanguageModelForExport, language_model_inputs, to_onnx
     lm = LanguageModelForExport(qwen)                              # language model + LM head

@@ -57,7 +57,7 @@ class Pairing:
     qdp_plugins: bool
 
 
-#: From the torch-tensorrt release notes (x86-64 Linux / Windows wheels) and our checks; see README.
+#: From the torch-tensorrt release notes (x86-64 Linux / Windows wheels) and our checks; see docs/export.md.
 PAIRINGS = (
     Pairing("2.11", "2.11", "10.15", "12.6–13.0", False),
     Pairing("2.12", "2.12", "10.16", "13.0", True),
