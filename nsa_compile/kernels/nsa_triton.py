@@ -16,10 +16,10 @@ from torch import Tensor
 from .common import VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, DENSE, SELECTION, WINDOW, SegmentPlan, _geometry,
-                                segment_attention_bwd, segment_attention_fwd)
+                                group_compression_probs, segment_attention_bwd, segment_attention_fwd)
 from .selection import select_block_ids
 
-# Queries per chunk when scoring blocks: bounds the [B, Hq, chunk, Nc] fp32 scores to ~256 MB.
+# Queries per chunk when scoring blocks: bounds the [B, Hkv, chunk, Nc] fp32 group scores to ~256 MB.
 _SCORE_BYTES = 256 << 20
 
 
@@ -36,17 +36,14 @@ def _selection_plan(q, k_cmp, lse_cmp, layout: VideoLayout, scale, top_n, sel_si
     Tk = layout.is_video.shape[1]
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, SELECTION)
     dev = q.device
-    q5 = q.reshape(B, Hkv, G, Tq, D)
-    lse5 = lse_cmp.reshape(B, Hkv, G, Tq)
-    chunk = max(1, _SCORE_BYTES // max(1, B * Hq * Nc * 4))
+    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
+    chunk = max(1, _SCORE_BYTES // max(1, B * Hkv * Nc * 4))
     ids = []
     for c0 in range(0, Tq, chunk):
         c1 = min(Tq, c0 + chunk)
         pos = torch.arange(Tk - Tq + c0, Tk - Tq + c1, device=dev)
-        s = torch.einsum("bhgcd,bhnd->bhgcn", q5[..., c0:c1, :].float(), k_cmp.float()) * scale
-        vis = layout.cmp_block_end[:, None, None, None, :] <= pos[None, None, None, :, None]
-        p = torch.where(vis, torch.exp(s - lse5[..., c0:c1, None]), 0.0)
-        ids.append(select_block_ids(p, layout, pos, top_n))
+        p = group_compression_probs(q, k_cmp, lse_cmp, kend, Tk, scale, c0, c1 - c0)  # [B, Hkv, C, Nc]
+        ids.append(select_block_ids(p[:, :, None], layout, pos, top_n))
     sel = torch.cat(ids, 2)  # [B, Hkv, Tq, n]  (−1: none)
     n = sel.shape[-1]
 

@@ -302,3 +302,56 @@ def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
         G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
         MODE=plan.mode, PRECISION=precision, num_stages=1)
     return dq, dk, dvv
+
+
+@triton.jit
+def _group_probs(Q, KC, LSE, KEND, OUT, sqb, sqh, sqt, skb, skh, skt, Tq, Tk, Nk, t_start, C, scale,
+                 G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
+                 BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+    """Compression probabilities summed over the G heads of a group, for queries t_start … t_start+C−1:
+    OUT[b, hkv, t − t_start, c] = Σ_g exp(q·k_c·scale − lse) over visible compressed blocks (0 elsewhere)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    r = tl.arange(0, BLOCK_T * GP)
+    tq = tile * BLOCK_T + r // GP  # chunk-relative position of each row
+    t = t_start + tq
+    g = r % GP
+    valid = (g < G) & (tq < C) & (t < Tq)
+    p = Tk - Tq + t
+    h = hkv * G + g
+    d = tl.arange(0, D)
+    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    lse = tl.load(LSE + (b.to(tl.int64) * (HKV * G) + h) * Tq + t, mask=valid, other=float("inf"))
+    k_base = KC + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+    tr = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    out_rows = ((b * HKV + hkv).to(tl.int64) * C + tr) * Nk
+    n = tl.arange(0, BLOCK_N)
+    for j in range(0, tl.cdiv(Nk, BLOCK_N)):
+        c = j * BLOCK_N + n
+        c_ok = c < Nk
+        k = tl.load(k_base + c[:, None].to(tl.int64) * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        end = tl.load(KEND + b.to(tl.int64) * Nk + c, mask=c_ok, other=2147483647)
+        vis = (end[None, :] <= p[:, None]) & c_ok[None, :] & valid[:, None]
+        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        grp = tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_N)), axis=1)
+        tl.store(OUT + out_rows[:, None] + c[None, :], grp,
+                 mask=((tr < C) & (t_start + tr < Tq))[:, None] & c_ok[None, :])
+
+
+def group_compression_probs(q, k_cmp, lse, kend, Tk: int, scale: float, t_start: int, C: int):
+    """fp32 [B, Hkv, C, Nc]: compression probabilities of queries t_start … t_start+C−1 summed over each GQA group
+    (what the selection branch scores blocks with), without a per-head tensor."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Nc = k_cmp.shape[1], k_cmp.shape[2]
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
+    out = torch.empty(B, Hkv, C, Nc, dtype=torch.float32, device=q.device)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    _group_probs[(triton.cdiv(C, BLOCK_T), B * Hkv)](
+        q, k_cmp, lse, kend, out, *q.stride()[:3], *k_cmp.stride()[:3], Tq, Tk, Nc, t_start, C, scale,
+        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=64, D=D, PRECISION=precision,
+        num_stages=1 if q.dtype == torch.float32 else 2)
+    return out
