@@ -97,7 +97,8 @@ def _selection_plan(q, k_cmp, lse_cmp, layout: VideoLayout, scale, top_n, sel_si
     own_all = torch.where(layout.is_video, layout.sel_id, -2).to(torch.int32).contiguous()
     selected = torch.where(sel < 0, -3, sel).to(torch.int32).contiguous()
     return SegmentPlan(SELECTION, need, Tk, own_all, segments=segments, counts=counts, selected=selected,
-                       block_n=block_n)
+                       block_n=block_n, n_text=n_txt, block_start=layout.sel_block_start,
+                       block_end=layout.sel_block_end)
 
 
 def _plans(q, k, v, video_mask, scale, block_size, block_stride, selection_block_size, top_n, window_size):
@@ -113,7 +114,7 @@ def _plans(q, k, v, video_mask, scale, block_size, block_stride, selection_block
         k_cmp, v_cmp = compress_kv(k, v, layout)
         k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()
         kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
-        cmp_plan = SegmentPlan(COMPRESSED, need_v, Tk, own, kend=kend, block_n=64)
+        cmp_plan = SegmentPlan(COMPRESSED, need_v, Tk, own, kend=kend)
         o_cmp, lse_cmp = segment_attention_fwd(q, k_cmp, v_cmp, scale, cmp_plan)
         branches["compression"] = (cmp_plan, k_cmp, v_cmp)
         branches["selection"] = (_selection_plan(q, k_cmp, lse_cmp, layout, scale, top_n, selection_block_size,

@@ -19,6 +19,8 @@ recomputes the probabilities from ``lse``, accumulates dq per tile and adds dk, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -142,7 +144,7 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
          Tq, Tk, Nk, n_tiles, window, scale,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr):
+         PRECISION: tl.constexpr, DKDV: tl.constexpr):
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -199,10 +201,11 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = pr * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-        dvv = tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
-        tl.atomic_add(DK + (kv_off + c)[:, None] * D + d[None, :], dk, mask=c_ok[:, None])
-        tl.atomic_add(DV_ + (kv_off + c)[:, None] * DV + dv[None, :], dvv, mask=c_ok[:, None])
+        if DKDV:
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
+            dvv = tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
+            tl.atomic_add(DK + (kv_off + c)[:, None] * D + d[None, :], dk, mask=c_ok[:, None])
+            tl.atomic_add(DV_ + (kv_off + c)[:, None] * DV + dv[None, :], dvv, mask=c_ok[:, None])
     tl.store(DQ + row[:, None] * D + d[None, :], dq * scale, mask=valid[:, None])
 
 
@@ -221,21 +224,41 @@ def _dummies(device):
     return z32
 
 
+@dataclass
 class SegmentPlan:
     """What a launch needs besides q, k, v: the mode, the rows that need it, and the mode's tables.
 
-    Args:
+    Attributes:
         mode: one of DENSE, WINDOW, COMPRESSED, SELECTION; need: int8 [B, Tq] rows whose output is used;
-        tk: number of key positions Tk (queries are the last Tq of them); window: w (WINDOW); kend: int32 [B, Nk] last key position of each compressed key (COMPRESSED);
-        segments: int32 [B, Hkv, n_tiles, U, 3] and counts int32 [B, Hkv, n_tiles] (SELECTION);
-        own: int32 [B, Tk] own selection block of each position (−2 for text); selected: int32 [B, Hkv, Tq, n].
+        tk: number of key positions Tk (queries are the last Tq of them); own: int32 [B, Tk] own selection block of
+        each position (−2 for text; SELECTION, a 1-element dummy otherwise); window: w (WINDOW);
+        kend: int32 [B, Nk] last key position of each compressed key (COMPRESSED);
+        segments: int32 [B, Hkv, n_tiles, U, 3] (start, length, block id; text chunks first, id −1) and
+        counts int32 [B, Hkv, n_tiles]; selected: int32 [B, Hkv, Tq, n] block ids (−3: none); n_text: text chunks at
+        the head of every segment list; block_start / block_end: long [B, Ns] selection blocks (SELECTION).
     """
 
-    def __init__(self, mode, need, tk, own, window=1, kend=None, segments=None, counts=None, selected=None,
-                 block_n=64):
-        self.mode, self.need, self.tk, self.window = mode, need, tk, window
-        self.kend, self.segments, self.counts, self.own, self.selected = kend, segments, counts, own, selected
-        self.block_n = block_n
+    mode: int
+    need: torch.Tensor
+    tk: int
+    own: torch.Tensor
+    window: int = 1
+    kend: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    block_n: int = 64
+    n_text: int = 0
+    block_start: torch.Tensor | None = None
+    block_end: torch.Tensor | None = None
+
+    @property
+    def n_blocks(self) -> int:
+        return 0 if self.block_start is None else self.block_start.shape[1]
+
+    @property
+    def text_len(self) -> torch.Tensor:
+        return self.segments[:, 0, -1, : self.n_text, 1]  # the last tile keeps every text chunk
 
 
 def _args(q, k, v, plan: SegmentPlan):
@@ -300,8 +323,114 @@ def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do_c.stride()[:3],
         Tq, Tk, Nk, n_tiles, plan.window, scale,
         G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
-        MODE=plan.mode, PRECISION=precision, num_stages=1)
+        MODE=plan.mode, PRECISION=precision, DKDV=plan.mode != SELECTION, num_stages=1)
+    if plan.mode == SELECTION:
+        _selection_dkdv(q, k, v, do_c, lse, delta, dk, dvv, sel, plan, scale, precision)
     return dq, dk, dvv
+
+
+@triton.jit
+def _bwd_dkdv_sel(Q, K, V, DO, LSE, DELTA, DK, DV_, KSEG, OFF, TILES, OWN, SEL, NEED,
+                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+                  Tq, Tk, Nk, n_keys, n_pairs, scale,
+                  G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """dk, dv of the selection branch without atomics: one program per key segment (a selection block or a text
+    chunk) walks the query tiles that read it (a CSR list built from the tiles' segment lists)."""
+    kid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    kseg = (b.to(tl.int64) * n_keys + kid) * 3
+    start = tl.load(KSEG + kseg).to(tl.int64)
+    length = tl.load(KSEG + kseg + 1)
+    sid = tl.load(KSEG + kseg + 2)
+    if length == 0:
+        return
+    n = tl.arange(0, BLOCK_N)
+    c = start + n
+    c_ok = n < length
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + c[:, None] * skt + d[None, :],
+                mask=c_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + dv[None, :],
+                mask=c_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dvv = tl.zeros([BLOCK_N, DV], tl.float32)
+    off = (b * HKV + hkv).to(tl.int64) * (n_keys + 1) + kid
+    lo = tl.load(OFF + off)
+    hi = tl.load(OFF + off + 1)
+    for i in range(lo, hi):
+        tile = tl.load(TILES + (b * HKV + hkv).to(tl.int64) * n_pairs + i)
+        t, g, valid, p = _tile_rows(tile, Tq, Tk, G, GP, BLOCK_T)
+        need = tl.load(NEED + b * Tq + t, mask=valid, other=0)
+        valid = valid & (need != 0)
+        h = hkv * G + g
+        q = tl.load((Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt)[:, None] + d[None, :],
+                    mask=valid[:, None], other=0.0)
+        o_off = b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
+        do = tl.load(DO + o_off[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
+        row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
+        lse = tl.load(LSE + row, mask=valid, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid, other=-3)
+        sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
+                      mask=valid[:, None], other=-3)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = _visible(3, c, c_ok, p, OWN, 0, 0, sid, own, sel) & valid[:, None]
+        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = pr * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
+    kv_off = (b * HKV + hkv).to(tl.int64) * Nk
+    tl.store(DK + (kv_off + c)[:, None] * D + d[None, :], dk * scale, mask=c_ok[:, None])
+    tl.store(DV_ + (kv_off + c)[:, None] * DV + dv[None, :], dvv, mask=c_ok[:, None])
+
+
+def _selection_dkdv(q, k, v, do, lse, delta, dk, dv, sel, plan: SegmentPlan, scale: float, precision: str):
+    """Selection dk/dv through `_bwd_dkdv_sel`: invert the tiles' segment lists into, per key segment, the tiles
+    that read it."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, SELECTION)
+    seg = plan.segments.long()  # [B, Hkv, n_tiles, U, 3]
+    n_tiles, U = seg.shape[2], seg.shape[3]
+    n_txt = plan.n_text
+    Ns = plan.n_blocks
+    # key segments: the Ns selection blocks, then the text chunks (same for every KV head)
+    kseg = torch.zeros(B, Ns + n_txt, 3, dtype=torch.int32, device=q.device)
+    kseg[:, :Ns] = torch.stack([plan.block_start, plan.block_end - plan.block_start + 1,
+                                torch.arange(Ns, device=q.device).expand(B, -1)], -1).to(torch.int32)
+    kseg[:, :Ns, 1] = torch.where(plan.block_start < plan.tk, kseg[:, :Ns, 1], 0)
+    if n_txt:
+        kseg[:, Ns:, 0] = seg[:, 0, 0, :n_txt, 0].to(torch.int32)
+        kseg[:, Ns:, 1] = plan.text_len.to(torch.int32)
+        kseg[:, Ns:, 2] = -1
+    u = torch.arange(U, device=q.device)
+    key = torch.where(u < n_txt, Ns + u, seg[..., 2])  # [B, Hkv, n_tiles, U]
+    ok = seg[..., 1] > 0
+    key = torch.where(ok, key, Ns + n_txt)  # invalid → a sentinel key past the end
+    tiles = torch.arange(n_tiles, device=q.device)[None, None, :, None].expand_as(key)
+    order = (key * n_tiles + tiles).reshape(B, Hkv, -1).sort(-1).values
+    key_sorted, tile_sorted = order // n_tiles, order % n_tiles
+    counts = torch.zeros(B, Hkv, Ns + n_txt + 1, dtype=torch.long, device=q.device)
+    counts.scatter_add_(-1, key_sorted, torch.ones_like(key_sorted))
+    off = torch.zeros(B, Hkv, Ns + n_txt + 1, dtype=torch.int32, device=q.device)
+    off[..., 1:] = counts[..., :-1].cumsum(-1).to(torch.int32)
+    tiles_csr = tile_sorted.to(torch.int32).contiguous()
+    dk_sel = torch.zeros_like(dk)
+    dv_sel = torch.zeros_like(dv)
+    _bwd_dkdv_sel[(Ns + n_txt, B * Hkv)](
+        q, k, v, do, lse, delta, dk_sel, dv_sel, kseg.contiguous(), off.contiguous(), tiles_csr, plan.own, sel,
+        plan.need, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+        Tq, plan.tk, Nk, Ns + n_txt, tiles_csr.shape[-1], scale,
+        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=sel.shape[-1],
+        PRECISION=precision, num_stages=1)
+    dk += dk_sel
+    dv += dv_sel
 
 
 @triton.jit
