@@ -67,10 +67,13 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
 
 
 # ----------------------------------------------------------------------------------------------- the custom op
-def use_triton(q: Tensor, attn_mask: Tensor | None) -> bool:
-    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32 without an ``attn_mask``; everything
-    else (CPU, fp64, masks such as padding) runs the reference."""
-    if not q.is_cuda or attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+def use_triton(q: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> bool:
+    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32, head dims a power of two from 16 to
+    256, without an ``attn_mask``; everything else (CPU, fp64, head dims such as 80 or 96, masks such as padding)
+    runs the reference."""
+    dims = (q.shape[-1],) + ((v.shape[-1],) if v is not None else ())
+    if (not q.is_cuda or attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+            or any(d < 16 or d > 256 or d & (d - 1) for d in dims)):
         return False
     try:
         import triton  # noqa: F401
@@ -83,7 +86,7 @@ def use_triton(q: Tensor, attn_mask: Tensor | None) -> bool:
 def _nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, attn_mask: Tensor | None,
                    scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
                    window_size: int) -> Tensor:
-    if use_triton(q, attn_mask):
+    if use_triton(q, attn_mask, v):
         from .nsa_triton import nsa_triton_forward
         check_inputs(q, k, v, gates, video_mask)
         return nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride,
@@ -103,7 +106,7 @@ def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, g
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
                             selection_block_size: int, top_n: int, window_size: int
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(q, attn_mask):
+    if use_triton(q, attn_mask, v):
         from .nsa_triton import nsa_triton_backward
         grads = nsa_triton_backward(grad_out, q, k, v, gates, video_mask, scale, block_size, block_stride,
                                     selection_block_size, top_n, window_size)
