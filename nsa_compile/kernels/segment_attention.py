@@ -70,6 +70,33 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, KEND, kend_base, window, sid, own, 
 
 
 @triton.jit
+def _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles, window, HKV: tl.constexpr,
+               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr,
+               MODE: tl.constexpr):
+    """Per tile: the rows' own block and selected blocks (selection), where its segment list starts, and the range
+    of segments to visit (first key ``lo``, count ``n_seg``)."""
+    own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid & (MODE == 3), other=-3)
+    sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
+                  mask=valid[:, None] & (MODE == 3), other=-3)
+    seg_base = ((b * HKV + hkv).to(tl.int64) * n_tiles + tile) * U * 3
+    p_lo = Tk - Tq + tile * BLOCK_T
+    p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
+    if MODE == 0:
+        lo = 0
+        n_seg = tl.cdiv(p_hi, BLOCK_N)
+    elif MODE == 1:
+        lo = tl.maximum(p_lo - window + 1, 0)
+        n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
+    elif MODE == 2:
+        lo = 0
+        n_seg = tl.cdiv(Nk, BLOCK_N)
+    else:
+        lo = 0
+        n_seg = tl.load(NSEG + (b * HKV + hkv) * n_tiles + tile)
+    return own, sel, seg_base, lo, n_seg
+
+
+@triton.jit
 def _fwd(Q, K, V, O, LSE, KEND, SEG, NSEG, OWN, SEL, NEED,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
          Tq, Tk, Nk, n_tiles, window, scale,
@@ -92,24 +119,8 @@ def _fwd(Q, K, V, O, LSE, KEND, SEG, NSEG, OWN, SEL, NEED,
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
 
-    own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid & (MODE == 3), other=-3)
-    sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
-                  mask=valid[:, None] & (MODE == 3), other=-3)
-    seg_base = ((b * HKV + hkv).to(tl.int64) * n_tiles + tile) * U * 3
-    p_lo = Tk - Tq + tile * BLOCK_T
-    p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
-    if MODE == 0:
-        lo = 0
-        n_seg = tl.cdiv(p_hi, BLOCK_N)
-    elif MODE == 1:
-        lo = tl.maximum(p_lo - window + 1, 0)
-        n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
-    elif MODE == 2:
-        lo = 0
-        n_seg = tl.cdiv(Nk, BLOCK_N)
-    else:
-        lo = 0
-        n_seg = tl.load(NSEG + (b * HKV + hkv) * n_tiles + tile)
+    own, sel, seg_base, lo, n_seg = _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles,
+                                               window, HKV, BLOCK_T, BLOCK_N, N_SEL, U, MODE)
 
     m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], tl.float32)
@@ -168,24 +179,8 @@ def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
 
-    own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid & (MODE == 3), other=-3)
-    sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
-                  mask=valid[:, None] & (MODE == 3), other=-3)
-    seg_base = ((b * HKV + hkv).to(tl.int64) * n_tiles + tile) * U * 3
-    p_lo = Tk - Tq + tile * BLOCK_T
-    p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
-    if MODE == 0:
-        lo = 0
-        n_seg = tl.cdiv(p_hi, BLOCK_N)
-    elif MODE == 1:
-        lo = tl.maximum(p_lo - window + 1, 0)
-        n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
-    elif MODE == 2:
-        lo = 0
-        n_seg = tl.cdiv(Nk, BLOCK_N)
-    else:
-        lo = 0
-        n_seg = tl.load(NSEG + (b * HKV + hkv) * n_tiles + tile)
+    own, sel, seg_base, lo, n_seg = _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles,
+                                               window, HKV, BLOCK_T, BLOCK_N, N_SEL, U, MODE)
 
     dq = tl.zeros([BLOCK_T * GP, D], tl.float32)
     n = tl.arange(0, BLOCK_N)
