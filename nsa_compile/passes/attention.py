@@ -24,14 +24,24 @@ from torch import fx
 from ..kernels.common import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 # Module-path fragments of vision encoders (a small table of names, not per-model patches).
-VISION_PATH_KEYS = ("visual", "vision", "image_encoder", "img_encoder", "mm_projector", "multi_modal_projector")
+VISION_PATH_KEYS = ("visual", "vision", "video_tower", "image_tower", "image_encoder", "img_encoder", "mm_projector",
+                    "multi_modal_projector")
 
 _SDPA_TARGETS = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention,
                  torch.ops.aten.scaled_dot_product_attention.default}
-for _name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+# Device-specific aten forms (after dispatch): positional argument names; each returns a tuple whose item 0 is the
+# attention output. K/V arrive already repeated for GQA there (no enable_gqa).
+_ATEN_FORMS = {}
+for _name, _args in (
+        ("_scaled_dot_product_flash_attention_for_cpu", ("query", "key", "value", "dropout_p", "is_causal")),
+        ("_scaled_dot_product_flash_attention", ("query", "key", "value", "dropout_p", "is_causal")),
+        ("_scaled_dot_product_efficient_attention", ("query", "key", "value", "attn_mask", "compute_log_sumexp",
+                                                     "dropout_p", "is_causal")),
+        ("_scaled_dot_product_cudnn_attention", ("query", "key", "value", "attn_mask", "compute_log_sumexp",
+                                                 "dropout_p", "is_causal"))):
     if hasattr(torch.ops.aten, _name):
-        _SDPA_TARGETS.add(getattr(torch.ops.aten, _name).default)
+        _ATEN_FORMS[getattr(torch.ops.aten, _name).default] = _args
 _MATMUL = {torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm"}
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax, "softmax"}
 _LINEAR = {torch._C._nn.linear, F.linear}
@@ -109,16 +119,24 @@ def attention_input(q: fx.Node, limit: int = 64) -> fx.Node | None:
     return None
 
 
-def _sdpa_site(node: fx.Node) -> AttentionSite:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+def _sdpa_site(node: fx.Node) -> AttentionSite | None:
+    names = _ATEN_FORMS.get(node.target, _SDPA_ARGS)
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
+    if "attn_bias" in args:
+        args["attn_mask"] = args.pop("attn_bias")
+    out = node
+    if node.target in _ATEN_FORMS:  # the output is item 0 of the returned tuple
+        users = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+        if len(users) != 1:
+            return None
+        out = users[0]
     scale = args.get("scale")
-    module, typ = _module_of(node)
-    k, v = unrepeat_kv(args["key"]), unrepeat_kv(args["value"])
     if scale is not None and not isinstance(scale, fx.Node):  # a node: a scale computed in the graph (dynamic)
         scale = float(scale)
-    return AttentionSite("sdpa", node, args["query"], k, v, args.get("attn_mask"), bool(args.get("is_causal", False)),
+    module, typ = _module_of(node)
+    k, v = unrepeat_kv(args["key"]), unrepeat_kv(args["value"])
+    return AttentionSite("sdpa", out, args["query"], k, v, args.get("attn_mask"), bool(args.get("is_causal", False)),
                          scale, module, typ, attention_input(args["query"]))
 
 
@@ -156,8 +174,10 @@ def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
     """Every SDPA call and every eager softmax-attention pattern of ``gm``, in graph order."""
     sites = []
     for node in gm.graph.nodes:
-        if _target_is(node, _SDPA_TARGETS):
-            sites.append(_sdpa_site(node))
+        if _target_is(node, _SDPA_TARGETS) or _target_is(node, _ATEN_FORMS):
+            site = _sdpa_site(node)
+            if site is not None:
+                sites.append(site)
         elif _target_is(node, _SOFTMAX):
             site = _eager_site(node)
             if site is not None:

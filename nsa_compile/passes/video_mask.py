@@ -67,6 +67,10 @@ def merge_modality(merge: fx.Node, video_ids: set[int], image_ids: set[int]) -> 
     ids = _compared_ids(merge.args[1])
     if ids & video_ids:
         return "video", ids
+    # Features that come from video inputs are video even when their placeholders carry the image token id
+    # (GLM-4.1V fills video frames with image tokens): the features' names decide before the image id does.
+    if "video" in _names(merge.args[2]):
+        return "video", ids
     if ids & image_ids:
         return "image", ids
     names = _names(merge.args[2]) + " " + _names(merge.args[1])
