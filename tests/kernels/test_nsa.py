@@ -282,3 +282,37 @@ def test_attention_budget_counts_match_per_query_count_when_blocks_are_full():
         cmp_visible = sum(1 for s in range(0, T, l) if vm[0, s] and s + l - 1 <= p)
         total += cmp_visible + min(blocks_before, n) * l + (p - own + 1) + text_before + min(w, p + 1)
     assert b["nsa_scores"] == total
+
+
+def test_op_stays_one_node_under_torch_export_and_aot_autograd():
+    cfg = NSAConfig(block_size=8, block_stride=8, selection_block_size=8, top_n=2, window_size=8)
+    q, k, v, gates = make(1, 4, 2, 32, 32, D=8, dtype=torch.float32)
+    vm = spans(1, 32, [[(4, 30)]])
+
+    class Layer(torch.nn.Module):
+        def forward(self, q, k, v, gates, vm):
+            return nsa_attention(q, k, v, gates, vm, cfg) * 2
+
+    ep = torch.export.export(Layer(), (q, k, v, gates, vm))
+    ops = [n for n in ep.graph.nodes if n.target is torch.ops.nsa_compile.nsa_attention.default]
+    assert len(ops) == 1
+    assert rel(ep.module()(q, k, v, gates, vm), Layer()(q, k, v, gates, vm)) <= 1e-6
+
+    graphs = []
+
+    def count_backend(gm, example_inputs):
+        from torch._dynamo.backends.common import aot_autograd
+
+        def keep(g, _):
+            graphs.append(g)
+            return g
+
+        return aot_autograd(fw_compiler=keep, bw_compiler=keep)(gm, example_inputs)
+
+    torch._dynamo.reset()
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+    torch.compile(Layer(), backend=count_backend)(*inputs, vm).sum().backward()
+    fw, bw = graphs
+    assert sum(n.target is torch.ops.nsa_compile.nsa_attention.default for n in fw.graph.nodes) == 1
+    assert sum(n.target is torch.ops.nsa_compile.nsa_attention_backward.default for n in bw.graph.nodes) == 1
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)
