@@ -51,8 +51,13 @@ class VideoMaskMissing(RuntimeError):
 def record_video_mask(mask: torch.Tensor) -> None:
     """Store the [B, T] bool video mask of the current forward's tokens (called by compiled graphs)."""
     _SLOT.recorded = mask
+
+
+def _warn_without_video(mask: torch.Tensor) -> None:
+    """Warn when rewritten attention runs over a prefill without video tokens (it computes dense attention).
+    Checked where attention uses the mask: graphs before a merge may see an empty fallback mask first."""
     if mask.shape[-1] > 1 and not bool(mask.any()):
-        warnings.warn("nsa-compile: a sequence without video tokens: its attention runs dense", stacklevel=2)
+        warnings.warn("nsa-compile: a sequence without video tokens: its attention runs dense", stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -223,12 +228,15 @@ class NSABackend:
             extras = [current_video_mask()] if rw.needs_runtime_mask else []
             extras += params
             out = compiled(*args, *extras)  # dynamo's calling convention: unboxed
+            mask = extras[0] if rw.needs_runtime_mask else None
             if rw.records_mask:
                 mask = out[-1]
                 out = type(out)(out[:-1]) if isinstance(out, tuple) else out[:-1]
                 if _SLOT.override is None:
                     record_video_mask(mask)
                 report.last_video_mask = mask if mask.shape[-1] > 1 else report.last_video_mask
+            if rw.sites and mask is not None:
+                _warn_without_video(mask)
             return out
 
         return run

@@ -33,6 +33,7 @@ class Rewrite:
     records_mask: bool
     gate_params: list[torch.Tensor] = field(default_factory=list)
     example_mask: torch.Tensor | None = None
+    sites: int = 0
 
 
 def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]], source: MaskSource | None,
@@ -99,7 +100,7 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
         record_mask = False
     graph.output(out_val)
     graph.lint()
-    return Rewrite(fx.GraphModule(gm, graph), needs_runtime_mask, record_mask, params)
+    return Rewrite(fx.GraphModule(gm, graph), needs_runtime_mask, record_mask, params, sites=len(sites))
 
 
 def _erase_dead(graph: fx.Graph, node: fx.Node) -> None:
