@@ -8,6 +8,17 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from nsa_compile.backend import _SLOT  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Every test starts and ends with an empty dynamo cache and no recorded video mask."""
+    torch._dynamo.reset()
+    _SLOT.recorded = None
+    yield
+    torch._dynamo.reset()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

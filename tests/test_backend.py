@@ -4,7 +4,6 @@ gates trained through the compiled graph, the backend found by name, and bad inp
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -23,14 +22,6 @@ SMALL = NSAConfig(block_size=16, block_stride=16, selection_block_size=16, top_n
 def rel(a, b):
     assert torch.isfinite(a).all()
     return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    _SLOT.recorded = None
-    yield
-    torch._dynamo.reset()
 
 
 def qwen_inputs(proc, frames=4, h=224, w=336, seed=0):

@@ -15,7 +15,6 @@ import torch
 
 import nsa_compile
 from nsa_compile import NSAConfig
-from nsa_compile.backend import _SLOT
 from nsa_compile.families import FAMILIES, build_inputs, build_model, video_token_mask
 
 SMALL = NSAConfig(block_size=8, block_stride=8, selection_block_size=8, top_n=2, window_size=16)
@@ -32,14 +31,6 @@ def record(**kv):
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(kv) + "\n")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    _SLOT.recorded = None
-    yield
-    torch._dynamo.reset()
 
 
 def lm_attention_modules(model) -> set[str]:

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nsa_compile import NSAConfig
 from nsa_compile.kernels import NSAInputError, attention_budget, nsa_attention, nsa_reference
