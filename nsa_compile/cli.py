@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="compile and run one short forward (2 small frames), print the report")
     _add_common(inspect)
     from .export import add_export_command
+    from .finetune import add_finetune_commands
     add_export_command(sub)
+    add_finetune_commands(sub)
     return parser
 
 
@@ -254,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export":
         from .export import run_export
         return run_export(args)
+    if args.command in ("finetune", "plot"):
+        from .finetune import run_finetune, run_plot
+        return run_finetune(args) if args.command == "finetune" else run_plot(args)
     try:
         res = cmd_run(args) if args.command == "run" else cmd_inspect(args)
     except Exception as e:  # noqa: BLE001 - input errors become one line; anything else keeps its traceback

@@ -19,18 +19,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from nsa_compile import NSAConfig, finetune as ft  # noqa: E402
-from nsa_compile.backend import _SLOT  # noqa: E402
 from tests.toy import VIDEO_ID, ToyVLM, toy_inputs  # noqa: E402
 
 CFG = NSAConfig(block_size=16, block_stride=16, selection_block_size=16, top_n=1, window_size=16)
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    _SLOT.recorded = None
-    yield
-    torch._dynamo.reset()
 
 
 def toy_samples(n=3):
