@@ -245,8 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # usage errors (2) and --help (0) as a return value
         return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("nsa_compile").setLevel(logging.INFO if args.verbose else logging.WARNING)
-    if not args.verbose:  # graph breaks are expected (see backend docs); keep stderr readable
+    logging.getLogger("nsa_compile").setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    if not getattr(args, "verbose", False):  # graph breaks are expected (see backend docs); keep stderr readable
         torch._logging.set_logs(dynamo=logging.ERROR)
     for name in ("frames", "max_pixels", "max_new_tokens", "fps"):
         value = getattr(args, name, None)

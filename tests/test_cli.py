@@ -111,3 +111,9 @@ def test_missing_model_dir(capsys, tmp_path):
 def test_bad_numbers(capsys):
     _assert_error(capsys, ["run", "--frames", "0"], "--frames")
     _assert_error(capsys, ["run", "--top-n", "0"], "top_n")
+
+
+def test_every_subcommand_goes_through_main(capsys, tmp_path):
+    # main() sets up logging for every subcommand: those without -v (export, finetune, plot) must get through it
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+    assert "not a finetune output folder" in capsys.readouterr().err
