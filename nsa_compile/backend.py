@@ -298,23 +298,43 @@ def compile(model, config: NSAConfig | None = None, **torch_compile_kwargs):
     # raises VideoMaskMissing instead of reusing the previous forward's mask; and a call that reached none of our
     # graphs (dynamo ran the frame eagerly, e.g. past its recompile limit) is reported, not silently dense.
     if isinstance(compiled, nn.Module):
-        compiled.register_forward_pre_hook(lambda *_: _forget_mask())
-        compiled.register_forward_hook(lambda *_: _check_compiled(backend))
+        compiled.register_forward_pre_hook(lambda *_: _call_starts())
+        compiled.register_forward_hook(lambda *_: _call_ends(backend))
     else:
         inner = compiled
 
         @functools.wraps(model)
         def compiled(*args, **kwargs):
-            _forget_mask()
-            out = inner(*args, **kwargs)
-            _check_compiled(backend)
-            return out
+            _call_starts()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                _call_ends(backend)
 
     compiled.nsa_report = backend.report
     return compiled
 
 
-def _check_compiled(backend: NSABackend) -> None:
+# Graph breaks multiply the frames dynamo compiles, and grad mode, autocast and new shapes each recompile them:
+# past dynamo's default limit of 8 per frame it would run a frame eagerly, i.e. with dense attention. Our calls
+# raise the limit while they run (and only then).
+_RECOMPILE_LIMIT = 64
+
+
+def _call_starts() -> None:
+    _forget_mask()
+    stack = contextlib.ExitStack()
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT * (8 if "accumulated" in name else 1):
+            stack.enter_context(cfg.patch(**{name: _RECOMPILE_LIMIT * (8 if "accumulated" in name else 1)}))
+    _SLOT.limits = getattr(_SLOT, "limits", []) + [stack]
+
+
+def _call_ends(backend: NSABackend) -> None:
+    limits = getattr(_SLOT, "limits", [])
+    if limits:
+        limits.pop().close()
     if not backend.report.graphs:
         warnings.warn("nsa-compile: this call ran without any graph compiled by the nsa backend (dynamo ran it "
                       "eagerly, e.g. after reaching its recompile limit), so attention stayed dense; call "
