@@ -48,8 +48,14 @@ class VideoMaskMissing(RuntimeError):
     """A rewritten graph ran before any video mask was recorded for this forward."""
 
 
-def record_video_mask(mask: torch.Tensor) -> None:
-    """Store the [B, T] bool video mask of the current forward's tokens (called by compiled graphs)."""
+def record_video_mask(mask: torch.Tensor, kind: str = "merge") -> None:
+    """Store the [B, T] bool video mask of the current forward's tokens (called by compiled graphs).
+
+    A merge's mask adds to what this forward recorded before (merges of images and of videos sit in different
+    graphs); a mask read from ``input_ids`` (``kind="input_ids"``, a forward's first graph) replaces it."""
+    prev = _SLOT.recorded
+    if kind == "merge" and prev is not None and prev.shape == mask.shape:
+        mask = prev | mask
     _SLOT.recorded = mask
 
 
@@ -213,6 +219,7 @@ class NSABackend:
         rw = rewrite_graph(gm, matched, source, cfg, record_mask=source is not None)
         if rw.needs_runtime_mask:
             rw.example_mask = self._example_mask(matched)
+        rw.source_kind = source.kind if source is not None else ""
         return rw
 
     def __call__(self, gm: fx.GraphModule, example_inputs, **_ignored):
@@ -233,7 +240,8 @@ class NSABackend:
                 mask = out[-1]
                 out = type(out)(out[:-1]) if isinstance(out, tuple) else out[:-1]
                 if _SLOT.override is None:
-                    record_video_mask(mask)
+                    record_video_mask(mask, rw.source_kind)
+                    mask = _SLOT.recorded
                 report.last_video_mask = mask if mask.shape[-1] > 1 else report.last_video_mask
             if rw.sites and mask is not None:
                 _warn_without_video(mask)

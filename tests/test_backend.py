@@ -272,3 +272,49 @@ def test_qwen_left_padded_batch_dense_equivalent():
     tokens = compiled.nsa_report.budget()["video_tokens"]
     assert tokens == [int(x) for x in (batch["input_ids"] == model.config.video_token_id).sum(-1)]
     assert tokens[0] != tokens[1]
+
+
+def _with_vision_segment(model, a, b, as_image: bool):
+    """Inputs of ``a`` (one video) with the vision segment of ``b`` inserted after a's, as a second video or as an
+    image (Qwen2-VL lays an image out like a 2-frame video)."""
+    c = model.config
+    ids_a, ids_b = a["input_ids"][0], b["input_ids"][0]
+    end_a = int((ids_a == c.vision_end_token_id).nonzero()[0])
+    start_b, end_b = (int((ids_b == t).nonzero()[0]) for t in (c.vision_start_token_id, c.vision_end_token_id))
+    segment = ids_b[start_b:end_b + 1].clone()
+    if as_image:
+        segment[segment == c.video_token_id] = c.image_token_id
+    ids = torch.cat([ids_a[:end_a + 1], segment, ids_a[end_a + 1:]])[None]
+    mm = torch.zeros_like(ids)
+    mm[ids == c.image_token_id], mm[ids == c.video_token_id] = 1, 2
+    out = dict(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm)
+    if as_image:
+        out.update(pixel_values_videos=a["pixel_values_videos"], video_grid_thw=a["video_grid_thw"],
+                   second_per_grid_ts=a["second_per_grid_ts"], pixel_values=b["pixel_values_videos"],
+                   image_grid_thw=b["video_grid_thw"])
+    else:
+        for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
+            out[key] = torch.cat([a[key], b[key]])
+    return out
+
+
+@pytest.mark.parametrize("second", ["video", "image-as-text", "image-as-video"])
+def test_qwen_two_videos_or_a_video_and_an_image(second):
+    model, proc = tiny_qwen2_5_vl(num_layers=2)
+    g = torch.Generator().manual_seed(5)
+    a = build_video_inputs(proc, torch.randint(0, 256, (4, 112, 168, 3), generator=g, dtype=torch.uint8), "Compare.")
+    frames = torch.randint(0, 256, (2 if second == "video" else 1, 168, 112, 3), generator=g, dtype=torch.uint8)
+    b = build_video_inputs(proc, frames.expand(2, -1, -1, -1).contiguous(), "x")
+    inputs = _with_vision_segment(model, a, b, as_image=second != "video")
+    modalities = ("video", "image") if second == "image-as-video" else ("video",)
+    cfg = NSAConfig(**{**SMALL.to_dict(), "modalities": modalities}).dense_equivalent()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        compiled = nsa_compile.compile(model, cfg)
+        out = compiled(**inputs).logits
+    assert rel(out, ref) <= 1e-4
+    ids, c = inputs["input_ids"][0], model.config
+    expected = (ids == c.video_token_id) | ((ids == c.image_token_id) if second == "image-as-video" else False)
+    mask = compiled.nsa_report.last_video_mask[0]
+    assert torch.equal(mask, expected)
+    assert int((mask[1:] & ~mask[:-1]).sum() + mask[0]) == (1 if second == "image-as-text" else 2)  # spans

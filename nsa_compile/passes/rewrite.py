@@ -34,6 +34,7 @@ class Rewrite:
     gate_params: list[torch.Tensor] = field(default_factory=list)
     example_mask: torch.Tensor | None = None
     sites: int = 0
+    source_kind: str = ""
 
 
 def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]], source: MaskSource | None,
