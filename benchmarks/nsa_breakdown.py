@@ -1,4 +1,5 @@
-"""Where the time of the NSA op's Triton path goes, stage by stage (CUDA events, ms), for one all-video sequence.
+"""Where the time of the NSA op's Triton path goes, stage by stage (CUDA events, ms), for one all-video sequence of
+Qwen2.5-VL-7B's attention shape (28 query heads, 4 KV heads, head dim 128, bf16, ``videonsa`` preset).
 
     python benchmarks/nsa_breakdown.py [--tokens 32768 131072]
 """
@@ -11,7 +12,9 @@ import torch
 
 from nsa_compile import NSAConfig
 from nsa_compile.kernels import nsa_triton as nt
-from nsa_compile.kernels import segment_attention as sa
+
+STAGES = ("segment_attention_fwd", "segment_attention_bwd", "select_topn", "compress_kv", "_unpool", "_prepare")
+MODES = {0: "dense", 1: "window", 2: "compression", 3: "selection"}
 
 
 def timed(label, fn, log):
@@ -20,7 +23,7 @@ def timed(label, fn, log):
     out = fn()
     end.record()
     torch.cuda.synchronize()
-    log.append((label, start.elapsed_time(end)))
+    log[label] = log.get(label, 0.0) + start.elapsed_time(end)
     return out
 
 
@@ -29,27 +32,36 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072])
     args = ap.parse_args(argv)
     cfg = NSAConfig.preset("videonsa")
+    params = (cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
     for T in args.tokens:
         q = torch.randn(1, 28, T, 128, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         gates = torch.rand(1, 28, T, 3, device="cuda", dtype=torch.bfloat16)
         vm = torch.ones(1, T, dtype=torch.bool, device="cuda")
-        scale = 128 ** -0.5
-        params = (cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
-        for _ in range(2):  # second round is the warm one
-            log = []
-            orig_plan, orig_fwd = nt._selection_plan, sa.segment_attention_fwd
-            nt._selection_plan = lambda *a, **kw: timed("selection plan (scores, top-n, union)",
-                                                        lambda: orig_plan(*a, **kw), log)
-            nt.segment_attention_fwd = lambda q_, k_, v_, s_, plan: timed(
-                f"kernel fwd mode {plan.mode}", lambda: orig_fwd(q_, k_, v_, s_, plan), log)
-            timed("total forward", lambda: nt.nsa_triton_forward(q, k, v, gates, vm, scale, *params), log)
-            go = torch.randn_like(q)
-            timed("total backward (recompute + bwd)", lambda: nt.nsa_triton_backward(go, q, k, v, gates, vm, scale,
-                                                                                  *params), log)
-            nt._selection_plan, nt.segment_attention_fwd = orig_plan, orig_fwd
-        print(f"T={T}: " + "; ".join(f"{a} {b:.1f}" for a, b in log), flush=True)
+        go = torch.randn_like(q)
+        for rnd in range(2):  # the second round is the warm one
+            log: dict[str, float] = {}
+            orig = {name: getattr(nt, name) for name in STAGES}
+
+            def wrap(name):
+                def f(*a, **kw):
+                    plan = next((x for x in a if isinstance(x, nt.SegmentPlan)), None)
+                    label = name if plan is None else f"{name} {MODES[plan.mode]}"
+                    return timed(label, lambda: orig[name](*a, **kw), log)
+                return f
+
+            for name in STAGES:
+                setattr(nt, name, wrap(name))
+            try:
+                timed("TOTAL forward", lambda: nt.nsa_triton_forward(q, k, v, gates, vm, 128 ** -0.5, *params), log)
+                timed("TOTAL backward", lambda: nt.nsa_triton_backward(go, q, k, v, gates, vm, 128 ** -0.5, *params),
+                      log)
+            finally:
+                for name in STAGES:
+                    setattr(nt, name, orig[name])
+        print(f"T={T} (ms, forward then backward, stages summed over both): "
+              + "; ".join(f"{a} {b:.1f}" for a, b in log.items()), flush=True)
 
 
 if __name__ == "__main__":

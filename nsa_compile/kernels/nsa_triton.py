@@ -1,185 +1,232 @@
-"""The Triton path of ``nsa_compile::nsa_attention``: the same semantics as `nsa.nsa_reference`, with every
-attention computed by the `segment_attention` kernel.
+"""The Triton path of ``nsa_compile::nsa_attention``: the semantics of `nsa.nsa_reference` (without ``attn_mask``),
+every attention computed by the kernels of `segment_attention`.
 
-Forward: compression branch (mode COMPRESSED, over mean-pooled keys; gives the log-sum-exp), top-n block ids from
-the compression probabilities (recomputed in query chunks so no [tokens × blocks] tensor exists at once), selection
-(mode SELECTION over each tile's union of selected blocks, own blocks and text keys), sliding window (mode WINDOW),
-dense attention for text queries (mode DENSE), then the gated combination. Backward recomputes the forward and runs
-the kernel's backward per mode; gate gradients are ``Σ_d dO·o_branch``.
+Forward: dense attention for text queries (mode DENSE); for video queries the compression branch (mode COMPRESSED
+over mean-pooled keys, giving the log-sum-exp), the top-n blocks of every position (`select_topn`, from that
+log-sum-exp, in registers), the selection branch (mode SELECTION) and the sliding window (mode WINDOW). Each launch
+adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept. Backward recomputes
+the forward's softmax statistics and the per-row ``Σ dO·o_branch`` (the gate gradient), then accumulates dq, dk, dv
+branch by branch; no atomics, so forward and backward are bitwise reproducible. Head dims that are not a power of
+two (80, 96, …) are zero-padded to the next one: scores and outputs are unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+import triton
 from torch import Tensor
 
-from .common import VideoLayout, video_layout
+from .common import NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
-from .segment_attention import (COMPRESSED, DENSE, SELECTION, WINDOW, SegmentPlan, _geometry,
-                                group_compression_probs, segment_attention_bwd, segment_attention_fwd)
-from .selection import select_block_ids
+from .segment_attention import (COMPRESSED, DENSE, SELECTION, WINDOW, SegmentPlan, segment_attention_bwd,
+                                segment_attention_fwd, select_topn)
 
-# Queries per chunk when scoring blocks: bounds the [B, Hkv, chunk, Nc] fp32 group scores to ~256 MB.
-_SCORE_BYTES = 256 << 20
+ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 
 
 def _pow2_block(n: int) -> int:
-    b = 16
-    while b < n:
-        b *= 2
-    return b
+    return max(16, triton.next_power_of_2(n))
 
 
-def _selection_plan(q, k_cmp, lse_cmp, layout: VideoLayout, scale, top_n, sel_size, need) -> SegmentPlan:
-    B, Hq, Tq, D = q.shape
-    Hkv, Nc = k_cmp.shape[1], k_cmp.shape[2]
-    Tk = layout.is_video.shape[1]
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, SELECTION)
-    dev = q.device
-    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
-    chunk = max(1, _SCORE_BYTES // max(1, B * Hkv * Nc * 4))
-    ids = []
-    for c0 in range(0, Tq, chunk):
-        c1 = min(Tq, c0 + chunk)
-        pos = torch.arange(Tk - Tq + c0, Tk - Tq + c1, device=dev)
-        p = group_compression_probs(q, k_cmp, lse_cmp, kend, Tk, scale, c0, c1 - c0)  # [B, Hkv, C, Nc]
-        ids.append(select_block_ids(p[:, :, None], layout, pos, top_n))
-    sel = torch.cat(ids, 2)  # [B, Hkv, Tq, n]  (−1: none)
-    n = sel.shape[-1]
-
-    # Per tile of BLOCK_T positions: the union of its rows' selected blocks and own blocks, as segments.
-    n_tiles = -(-Tq // BLOCK_T)
-    pad = n_tiles * BLOCK_T - Tq
-    own = torch.where(layout.is_video, layout.sel_id, -2)[:, Tk - Tq:]  # [B, Tq]
-    sel_t = torch.nn.functional.pad(sel, (0, 0, 0, pad), value=-1).reshape(B, Hkv, n_tiles, BLOCK_T * n)
-    own_t = torch.nn.functional.pad(own, (0, pad), value=-2).reshape(B, 1, n_tiles, BLOCK_T).expand(-1, Hkv, -1, -1)
-    cand = torch.cat([sel_t, own_t], -1).sort(-1).values
-    dup = torch.zeros_like(cand, dtype=torch.bool)
-    dup[..., 1:] = cand[..., 1:] == cand[..., :-1]
-    invalid = dup | (cand < 0)
-    big = layout.sel_block_start.shape[1] + 1
-    order = torch.where(invalid, big, cand).sort(-1).values
-    n_valid = (~invalid).sum(-1)
-    u = max(1, int(n_valid.max()))
-    vid = order[..., :u]
-    ok = vid < big
-    vid_c = torch.where(ok, vid, 0)
-    start = torch.gather(layout.sel_block_start[:, None, None, :].expand(-1, Hkv, n_tiles, -1), 3, vid_c)
-    end = torch.gather(layout.sel_block_end[:, None, None, :].expand(-1, Hkv, n_tiles, -1), 3, vid_c)
-    video_seg = torch.stack([start, torch.where(ok, end - start + 1, 0), torch.where(ok, vid, -3)], -1)
-
-    # Text keys, in chunks of at most BLOCK_N, kept when they start before the tile's last position.
-    block_n = _pow2_block(sel_size)
+def _text_chunks(layout: VideoLayout, block_n: int) -> Tensor:
+    """int32 [B, n_txt, 2]: (start, length) of every run of text keys cut in chunks of at most ``block_n``
+    (length 0 pads rows with fewer chunks)."""
     text = ~layout.is_video
+    B, Tk = text.shape
+    dev = text.device
     pos = torch.arange(Tk, device=dev)
-    prev_text = torch.nn.functional.pad(text, (1, 0))[:, :-1]
-    run_start = torch.where(text & ~prev_text, pos, 0).cummax(-1).values
+    prev = F.pad(text, (1, 0))[:, :-1]
+    run_start = torch.where(text & ~prev, pos, 0).cummax(-1).values
     chunk_first = text & ((pos - run_start) % block_n == 0)
-    n_txt = int(chunk_first.sum(-1).max()) if text.any() else 0
-    segs = [video_seg]
+    n_txt = int(chunk_first.sum(-1).max()) if bool(text.any()) else 0
+    out = torch.zeros(B, n_txt, 2, dtype=torch.int32, device=dev)
     if n_txt:
         rows, cols = chunk_first.nonzero(as_tuple=True)
         idx = chunk_first.long().cumsum(-1)[rows, cols] - 1
-        t_start = torch.full((B, n_txt), Tk, dtype=torch.long, device=dev)
-        t_start[rows, idx] = cols
-        run_end = torch.where(text & ~torch.nn.functional.pad(text, (0, 1))[:, 1:], pos, Tk).flip(-1).cummin(-1)
-        run_end = run_end.values.flip(-1)
-        t_len = torch.zeros(B, n_txt, dtype=torch.long, device=dev)
-        t_len[rows, idx] = torch.minimum(run_end[rows, cols] - cols + 1, torch.full_like(cols, block_n))
-        tile_end = Tk - Tq + torch.arange(1, n_tiles + 1, device=dev) * BLOCK_T  # exclusive
-        keep = t_start[:, None, :] < tile_end[None, :, None]  # [B, n_tiles, n_txt]
-        text_seg = torch.stack([t_start[:, None, :].expand(-1, n_tiles, -1),
-                                torch.where(keep, t_len[:, None, :], 0),
-                                torch.full_like(keep, -1, dtype=torch.long)], -1)
-        segs.insert(0, text_seg[:, None].expand(-1, Hkv, -1, -1, -1))
-    segments = torch.cat(segs, 3).to(torch.int32).contiguous()
-    counts = (n_valid + n_txt).to(torch.int32).contiguous()
-    own_all = torch.where(layout.is_video, layout.sel_id, -2).to(torch.int32).contiguous()
-    selected = torch.where(sel < 0, -3, sel).to(torch.int32).contiguous()
-    return SegmentPlan(SELECTION, need, Tk, own_all, segments=segments, counts=counts, selected=selected,
-                       block_n=block_n, n_text=n_txt, block_start=layout.sel_block_start,
-                       block_end=layout.sel_block_end)
+        run_end = torch.where(text & ~F.pad(text, (0, 1))[:, 1:], pos, Tk).flip(-1).cummin(-1).values.flip(-1)
+        out[rows, idx, 0] = cols.to(torch.int32)
+        out[rows, idx, 1] = torch.clamp(run_end[rows, cols] - cols + 1, max=block_n).to(torch.int32)
+    return out
 
 
-def _plans(q, k, v, video_mask, scale, block_size, block_stride, selection_block_size, top_n, window_size):
-    B, Hq, Tq, D = q.shape
-    Tk = k.shape[2]
+def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
+             selection_block_size: int, window_size: int):
+    """Layout, video-query flags and one (plan, keys, values) per branch that has rows to compute."""
+    Tq, Tk = q.shape[2], k.shape[2]
     layout = video_layout(video_mask.to(k.device), Tk, block_size, block_stride, selection_block_size)
     video_q = layout.is_video[:, Tk - Tq:]
     need_v = video_q.to(torch.int8).contiguous()
     need_t = (~video_q).to(torch.int8).contiguous()
-    own = torch.zeros(1, dtype=torch.int32, device=q.device)
-    branches = {"dense": (SegmentPlan(DENSE, need_t, Tk, own), k, v)}
-    if bool(video_q.any()):
+    branches = {}
+    if bool(need_t.any()):
+        branches["dense"] = (SegmentPlan(DENSE, need_t, Tk), k, v)
+    if bool(need_v.any()):
         k_cmp, v_cmp = compress_kv(k, v, layout)
-        k_cmp, v_cmp = k_cmp.contiguous(), v_cmp.contiguous()
         kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
-        cmp_plan = SegmentPlan(COMPRESSED, need_v, Tk, own, kend=kend)
-        o_cmp, lse_cmp = segment_attention_fwd(q, k_cmp, v_cmp, scale, cmp_plan)
-        branches["compression"] = (cmp_plan, k_cmp, v_cmp)
-        branches["selection"] = (_selection_plan(q, k_cmp, lse_cmp, layout, scale, top_n, selection_block_size,
-                                                 need_v), k, v)
-        branches["window"] = (SegmentPlan(WINDOW, need_v, Tk, own, window=window_size), k, v)
-        return layout, video_q, branches, {"compression": (o_cmp, lse_cmp)}
-    return layout, video_q, branches, {}
+        branches["compression"] = (SegmentPlan(COMPRESSED, need_v, Tk, gate=0, kend=kend), k_cmp.contiguous(),
+                                   v_cmp.contiguous())
+        start, end = layout.sel_block_start, layout.sel_block_end
+        block_n = _pow2_block(selection_block_size)
+        branches["selection"] = (SegmentPlan(
+            SELECTION, need_v, Tk, gate=1, own=torch.where(layout.is_video, layout.sel_id, -2).to(torch.int32)
+            .contiguous(), block_start=start.clamp(max=Tk).to(torch.int32).contiguous(),
+            block_len=torch.where(start < Tk, end - start + 1, 0).to(torch.int32).contiguous(),
+            text=_text_chunks(layout, block_n).contiguous(), block_n=block_n), k, v)
+        branches["window"] = (SegmentPlan(WINDOW, need_v, Tk, gate=2, window=window_size), k, v)
+    return layout, video_q, branches
+
+
+def _select(q: Tensor, k_cmp: Tensor, lse: Tensor, kend: Tensor, layout: VideoLayout, plan: SegmentPlan,
+            top_n: int, scale: float) -> None:
+    """Fill the selection plan: top-n block ids (`select_topn`) and the (start, length) of each position's n blocks
+    and own block, the segments the selection kernel reads."""
+    sel = select_topn(q, k_cmp, lse, kend, layout, plan.need, top_n, scale)  # [B, Hkv, Tq, n]
+    sel = sel.sort(-1).values  # blocks in key order: neighbouring loads of a program are near in memory
+    B, Hkv, Tq, n = sel.shape
+    own = plan.own[:, plan.tk - Tq:].long()
+    ids = torch.cat([sel.long(), own[:, None, :, None].expand(B, Hkv, Tq, 1)], -1)
+    ok = (ids >= 0) & plan.need.bool()[:, None, :, None]
+    idx = ids.clamp_min(0).reshape(B, Hkv, -1)
+    Ns = plan.block_start.shape[1]
+    start = plan.block_start[:, None, :].expand(B, Hkv, Ns).gather(2, idx).reshape(ids.shape)
+    length = plan.block_len[:, None, :].expand(B, Hkv, Ns).gather(2, idx).reshape(ids.shape)
+    plan.selected = sel
+    plan.segments = torch.stack([start, torch.where(ok, length, 0)], -1).to(torch.int32).contiguous()
+
+
+def _pad_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero-pad D and Dv to powers of two (tl.arange needs them); q·k and the outputs' first Dv columns are
+    unchanged."""
+    D, Dv = q.shape[-1], v.shape[-1]
+    Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    if Dp != D:
+        q, k = F.pad(q, (0, Dp - D)), F.pad(k, (0, Dp - D))
+    if Dvp != Dv:
+        v = F.pad(v, (0, Dvp - Dv))
+    return q, k, v
+
+
+def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int, top_n: int,
+                    backward: bool) -> int:
+    """Bytes the Triton path allocates beyond its inputs (and, for the backward, beyond the output gradient) at its
+    peak, for head dims D, Dv and ``top_n`` blocks: the fp32 accumulator (forward) or the fp32 dq, dk, dv and the
+    selection's tile lists (backward), the top-n ids, softmax statistics and layout tables. An upper bound within a
+    few percent; the README's "Memory" table lists it for Qwen2.5-VL-7B's attention."""
+    Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
+    pad = (B * Hq * Tq * Dp + B * Hkv * Tk * Dp) * 2 * (Dp != D) + B * Hkv * Tk * Dvp * 2 * (Dvp != Dv)
+    rows = B * Hq * Tq * 4 * 4  # lse, rowdot, delta, gates (fp32)
+    sel = B * Hkv * Tq * top_n * 4
+    layout = B * Tk * 8 * 12
+    if not backward:
+        return pad + B * Hq * Tq * Dvp * 4 + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * 2 // 32
+    csr = B * Hkv * Tq * (top_n + 1) * 8 * 4  # keys, sort buffers, unique flags
+    grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
+    return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4)
+
+
+def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, backward: bool) -> None:
+    """Raise before any kernel runs when the request cannot fit in the device's free memory."""
+    if not q.is_cuda:
+        return
+    need = memory_estimate(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
+                           top_n, backward)
+    free, _ = torch.cuda.mem_get_info(q.device)
+    free += torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device)
+    if need > free:
+        raise NSAInputError(
+            f"NSA attention {'backward' if backward else 'forward'} at {k.shape[2]} tokens needs about "
+            f"{need / 2**30:.2f} GiB of work memory, {free / 2**30:.2f} GiB is free on {q.device}: shorten the "
+            "video (fewer frames or tokens per frame), free memory (smaller batch, activation checkpointing), or "
+            "use a device with more memory")
 
 
 def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, scale: float,
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
                        _keep: dict | None = None) -> Tensor:
-    """Forward of the op on Triton (CUDA, or the interpreter on CPU); shapes and semantics as `nsa_reference`
-    without ``attn_mask``. fp16 / bf16 / fp32 inputs."""
-    layout, video_q, branches, done = _plans(q, k, v, video_mask, scale, block_size, block_stride,
-                                             selection_block_size, top_n, window_size)
-    outs = dict(done)
-    for name, (plan, kk, vv) in branches.items():
-        if name not in outs:
-            outs[name] = segment_attention_fwd(q, kk, vv, scale, plan)
-    out = outs["dense"][0]
-    if "compression" in outs:
-        g = gates.float()
-        mix = g[..., 0:1] * outs["compression"][0] + g[..., 1:2] * outs["selection"][0] + g[..., 2:3] * outs["window"][0]
-        out = torch.where(video_q[:, None, :, None], mix, out)
+    """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`
+    without ``attn_mask``; fp16 / bf16 / fp32, head dims up to 256.
+
+    Raises:
+        NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
+    """
+    _check_memory(q, k, v, top_n, backward=False)
+    Dv = v.shape[-1]
+    q, k, v = _pad_head_dims(q, k, v)
+    B, Hq, Tq, _ = q.shape
+    layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
+                                         window_size)
+    g = gates.float().contiguous()
+    acc = torch.zeros(B, Hq, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
+    for name in ORDER:
+        if name in branches:
+            plan, kk, vv = branches[name]
+            lse, _ = segment_attention_fwd(q, kk, vv, scale, plan, g, acc=acc)
+            if name == "compression":
+                _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
     if _keep is not None:
-        _keep.update(layout=layout, video_q=video_q, branches=branches, outs=outs)
-    return out.to(q.dtype)
+        _keep.update(layout=layout, video_q=video_q, branches=branches)
+    return acc[..., :Dv].to(q.dtype)
+
+
+def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_stride: int) -> Tensor:
+    """Backward of mean pooling: key j gets Σ over the compression blocks holding it of d_cmp[c] / block_size.
+    d_cmp [B, Hkv, Nc, D] → [B, Hkv, Tk, D]; summed in a fixed order (deterministic)."""
+    B, Hkv, Nc, D = d_cmp.shape
+    start, end = layout.cmp_block_start, layout.cmp_block_end  # [B, Nc], ascending
+    j = torch.arange(Tk, device=d_cmp.device).expand(B, Tk).contiguous()
+    first = torch.searchsorted(end.contiguous(), j)  # first block ending at or after j
+    out = torch.zeros(B, Hkv, Tk, D, dtype=d_cmp.dtype, device=d_cmp.device)
+    for w in range(-(-block_size // block_stride)):
+        c = (first + w).clamp(max=Nc - 1)
+        ok = (first + w < Nc) & (start.gather(1, c) <= j) & (end.gather(1, c) >= j)
+        out += torch.where(ok[:, None, :, None], d_cmp.gather(2, c[:, None, :, None].expand(B, Hkv, Tk, D)), 0.0)
+    return out / block_size
 
 
 def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                         scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
                         window_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dgates) of `nsa_triton_forward`, recomputing it first."""
-    keep: dict = {}
-    nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride, selection_block_size, top_n,
-                       window_size, _keep=keep)
-    layout, video_q, branches, outs = keep["layout"], keep["video_q"], keep["branches"], keep["outs"]
-    go = grad_out.float()
-    vq = video_q[:, None, :, None]
+    """(dq, dk, dv, dgates) of `nsa_triton_forward` in the inputs' dtypes. Recomputes the softmax statistics and
+    the top-n blocks; gate gradients are ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated
+    (NSA §3.3.2). Deterministic.
+
+    Raises:
+        NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
+    """
+    _check_memory(q, k, v, top_n, backward=True)
+    D, Dv, dtypes = q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype, gates.dtype)
+    q, k, v = _pad_head_dims(q, k, v)
+    go = F.pad(grad_out, (0, v.shape[-1] - Dv)).contiguous()
+    B, Hq, Tq, _ = q.shape
+    Tk = k.shape[2]
+    layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
+                                         window_size)
+    g = gates.float().contiguous()
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    dgates = torch.zeros(gates.shape, dtype=torch.float32, device=q.device)
-    for i, name in enumerate(("compression", "selection", "window")):
-        if name in outs:
-            dgates[..., i] = torch.where(video_q[:, None], (go * outs[name][0]).sum(-1), 0.0)
-    for name, (plan, kk, vv) in branches.items():
-        if name == "dense":
-            d_o = torch.where(vq, 0.0, go)
+    dgates = torch.zeros(g.shape, dtype=torch.float32, device=q.device)
+    vq = video_q[:, None, :]
+    for name in ORDER:
+        if name not in branches:
+            continue
+        plan, kk, vv = branches[name]
+        lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go)
+        if name == "compression":
+            _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
+        if plan.gate >= 0:
+            dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
+            delta = torch.where(vq, rowd * g[..., plan.gate], 0.0).contiguous()
         else:
-            d_o = torch.where(vq, go * gates.float()[..., ("compression", "selection", "window").index(name), None], 0.0)
-        o, lse = outs[name]
-        dq_b, dk_b, dv_b = segment_attention_bwd(q, kk, vv, o, lse, d_o, scale, plan)
-        dq += dq_b
-        if name == "compression":  # mean pooling's backward: each token of a block gets 1/l of its gradient
-            idx = layout.cmp_block_start[:, :, None] + torch.arange(block_size, device=q.device)
-            valid = (idx < k.shape[2]) & (layout.cmp_block_start[:, :, None] < k.shape[2])
-            idx = torch.where(valid, idx, 0).reshape(k.shape[0], 1, -1, 1)
-            w = valid.reshape(k.shape[0], 1, -1, 1).float() / block_size
-            dk.scatter_add_(2, idx.expand(-1, k.shape[1], -1, k.shape[3]),
-                            (dk_b[:, :, :, None, :].expand(-1, -1, -1, block_size, -1).reshape(dk.shape[0], dk.shape[1], -1, dk.shape[3])) * w)
-            dv.scatter_add_(2, idx.expand(-1, v.shape[1], -1, v.shape[3]),
-                            (dv_b[:, :, :, None, :].expand(-1, -1, -1, block_size, -1).reshape(dv.shape[0], dv.shape[1], -1, dv.shape[3])) * w)
+            delta = torch.where(vq, 0.0, rowd).contiguous()
+        if name == "compression":
+            dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
+                vv.shape, dtype=torch.float32, device=q.device)
+            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dq, dkc, dvc)
+            dk += _unpool(dkc, layout, Tk, block_size, block_stride)
+            dv += _unpool(dvc, layout, Tk, block_size, block_stride)
         else:
-            dk += dk_b
-            dv += dv_b
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgates.to(gates.dtype)
+            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dq, dk, dv)
+    return (dq[..., :D].to(dtypes[0]), dk[..., :D].to(dtypes[1]), dv[..., :Dv].to(dtypes[2]),
+            dgates.to(dtypes[3]))

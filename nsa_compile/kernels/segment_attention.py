@@ -1,20 +1,30 @@
-"""The one Triton attention kernel every NSA branch runs on: softmax attention of a tile of query rows over a set
-of key segments, with a per-row predicate that says which keys each row may see.
+"""The Triton kernels of the NSA op: one softmax-attention kernel that every branch runs on (a tile of query rows
+over a list of key segments, with a per-row predicate of which keys each row sees), its backward, and the top-n
+block selection of the selection branch.
 
 A tile holds ``BLOCK_T`` query positions × the ``G`` query heads of one GQA group (rows ``r = t·GP + g``, ``GP`` the
 group rounded up to a power of two), so all heads of a group share every K/V load and ``tl.dot`` gets ≥ 16 rows for
-any group size (NSA arXiv 2502.11089 §3.4 shares the selection across a group for the same reason; we also stack
-positions, which keeps tensor cores busy when G is small, e.g. Qwen2.5-VL-7B's 7).
+any group size, unpadded in memory (NSA arXiv 2502.11089 §3.4 loads a whole GQA group per query for the same
+reason; stacking positions keeps tensor cores busy when G is small, e.g. Qwen2.5-VL-7B's 7).
 
 Modes (``MODE``):
     0 dense      keys 0 … p                      (text queries)
-    1 window     keys p−w+1 … p                  (sliding-window branch)
-    2 compressed compressed keys c with end[c] ≤ p (compression branch; also returns the log-sum-exp)
-    3 selection  listed segments (start, length, block id): a text segment (id −1) or the row's own block is seen
-                 causally, any other block only when the row selected it (selection branch)
+    1 window     keys p−w+1 … p                  (sliding-window branch, NSA §3.3.3)
+    2 compressed compressed keys c with end[c] ≤ p (compression branch, NSA §3.3.1; also gives the log-sum-exp)
+    3 selection  per position: its top-n blocks and its own block (causally), plus every earlier text key
+                 (selection branch, NSA §3.3.2)
 
-Forward writes ``o`` (fp32) and ``lse`` (fp32, +inf for a row with nothing to see: its output is 0). Backward
-recomputes the probabilities from ``lse``, accumulates dq per tile and adds dk, dv with fp32 atomics.
+Forward (`segment_attention_fwd`) adds ``gate · o`` of each needed row to an fp32 accumulator (so the gated
+combination of NSA eq. 5 needs no per-branch output tensor), or, when recomputing for the backward, writes the
+per-row ``Σ_d dO·o`` that both the gate gradient and the softmax backward need. Softmax statistics are fp32 whatever
+the input dtype. Backward: `segment_attention_bwd` adds dq per query tile and dk, dv per key segment (each key is
+owned by one program that walks the query tiles reading it), with no atomics: forward and backward are bitwise
+reproducible run to run.
+
+`select_topn` is the selection branch's block scoring and top-n (NSA §3.3.2, eqs. 8-11) in one kernel: it
+recomputes the compression probabilities from the compression branch's log-sum-exp, sums them over the GQA group
+and keeps a running top-n per position in registers, so no [tokens × blocks] tensor exists in memory. Its
+reference is `selection.select_block_ids`.
 """
 
 from __future__ import annotations
@@ -29,56 +39,31 @@ DENSE, WINDOW, COMPRESSED, SELECTION = 0, 1, 2, 3
 
 
 @triton.jit
-def _tile_rows(tile, Tq, Tk, G: tl.constexpr, GP: tl.constexpr, BLOCK_T: tl.constexpr):
+def _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr,
+          BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """The tile's rows: batch, KV head, position index t, row-local position, head h, validity, key position p,
+    the fp32 row index into [B, Hq, Tq] tensors, the needed flags and the queries [rows, D]."""
+    b = bh // HKV
+    hkv = bh % HKV
     r = tl.arange(0, BLOCK_T * GP)
-    t = tile * BLOCK_T + r // GP
+    t_loc = r // GP
+    t = tile * BLOCK_T + t_loc
     g = r % GP
     valid = (g < G) & (t < Tq)
     p = Tk - Tq + t
-    return t, g, valid, p
+    h = hkv * G + g
+    need = tl.load(NEED + b * Tq + t, mask=valid, other=0) != 0
+    row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
+    d = tl.arange(0, D)
+    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
+    q = tl.load(q_ptr[:, None] + d[None, :], mask=(valid & need)[:, None], other=0.0)
+    return b, hkv, t, t_loc, valid & need, p, row, q
 
 
 @triton.jit
-def _segment(MODE: tl.constexpr, i, lo, SEG, seg_base, BLOCK_N: tl.constexpr):
-    """First key and length of the i-th segment (implicit BLOCK_N strides from ``lo``, or listed)."""
-    if MODE == 3:
-        start = tl.load(SEG + seg_base + i * 3).to(tl.int64)
-        length = tl.load(SEG + seg_base + i * 3 + 1)
-        sid = tl.load(SEG + seg_base + i * 3 + 2)
-    else:
-        start = (lo + i * BLOCK_N).to(tl.int64)
-        length = BLOCK_N
-        sid = -1
-    return start, length, sid
-
-
-@triton.jit
-def _visible(MODE: tl.constexpr, c, c_ok, p, KEND, kend_base, window, sid, own, sel):
-    """[rows, keys] mask of what each row sees among keys ``c``."""
-    if MODE == 0:
-        m = c[None, :] <= p[:, None]
-    elif MODE == 1:
-        m = (c[None, :] <= p[:, None]) & (c[None, :] > p[:, None] - window)
-    elif MODE == 2:
-        end = tl.load(KEND + kend_base + c, mask=c_ok, other=2147483647)
-        m = end[None, :] <= p[:, None]
-    else:
-        chosen = tl.sum((sel == sid).to(tl.int32), axis=1) > 0
-        row_ok = (sid == -1) | (own == sid) | chosen
-        m = (c[None, :] <= p[:, None]) & row_ok[:, None]
-    return m & c_ok[None, :]
-
-
-@triton.jit
-def _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles, window, HKV: tl.constexpr,
-               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr,
-               MODE: tl.constexpr):
-    """Per tile: the rows' own block and selected blocks (selection), where its segment list starts, and the range
-    of segments to visit (first key ``lo``, count ``n_seg``)."""
-    own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid & (MODE == 3), other=-3)
-    sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
-                  mask=valid[:, None] & (MODE == 3), other=-3)
-    seg_base = ((b * HKV + hkv).to(tl.int64) * n_tiles + tile) * U * 3
+def _n_segments(MODE: tl.constexpr, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T: tl.constexpr,
+                BLOCK_N: tl.constexpr, NSEL: tl.constexpr):
+    """First key ``lo`` and number of key segments a tile visits."""
     p_lo = Tk - Tq + tile * BLOCK_T
     p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
     if MODE == 0:
@@ -92,260 +77,205 @@ def _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles, w
         n_seg = tl.cdiv(Nk, BLOCK_N)
     else:
         lo = 0
-        n_seg = tl.load(NSEG + (b * HKV + hkv) * n_tiles + tile)
-    return own, sel, seg_base, lo, n_seg
+        n_seg = n_txt + BLOCK_T * (NSEL + 1)
+    return lo, n_seg
 
 
 @triton.jit
-def _fwd(Q, K, V, O, LSE, KEND, SEG, NSEG, OWN, SEL, NEED,
-         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-         Tq, Tk, Nk, n_tiles, window, scale,
+def _segment(MODE: tl.constexpr, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV: tl.constexpr,
+             BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, NSEL: tl.constexpr):
+    """First key, length and owner of the i-th key segment of a tile. Owner −1: every row of the tile may see it
+    (causally); owner j: only the rows of the tile's j-th position (selection: its selected blocks and own block,
+    read from the (start, length) table `select_topn` wrote)."""
+    if MODE == 3:
+        if i < n_txt:  # a chunk of earlier text keys, shared by all positions
+            start = tl.load(TXT + (b * n_txt + i) * 2).to(tl.int64)
+            length = tl.load(TXT + (b * n_txt + i) * 2 + 1)
+            owner = i * 0 - 1
+        else:  # slot (i − n_txt) mod (n+1) of position j: one of its n selected blocks, or (slot n) its own block
+            j = (i - n_txt) // (NSEL + 1)
+            ok = tile * BLOCK_T + j < Tq
+            e = (((b * HKV + hkv).to(tl.int64) * Tq + tile * BLOCK_T) * (NSEL + 1) + (i - n_txt)) * 2
+            start = tl.load(SEG + e, mask=ok, other=0).to(tl.int64)
+            length = tl.load(SEG + e + 1, mask=ok, other=0)
+            owner = j
+    else:
+        start = (lo + i * BLOCK_N).to(tl.int64)
+        length = BLOCK_N
+        owner = -1
+    return start, length, owner
+
+
+@triton.jit
+def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, owner):
+    """[rows, keys] mask of what each row sees among keys ``c`` of one segment."""
+    if MODE == 0:
+        m = c[None, :] <= p[:, None]
+    elif MODE == 1:
+        m = (c[None, :] <= p[:, None]) & (c[None, :] > p[:, None] - window)
+    elif MODE == 2:
+        end = tl.load(KEND + kend_base + c, mask=c_ok, other=2147483647)
+        m = end[None, :] <= p[:, None]
+    else:
+        m = (c[None, :] <= p[:, None]) & ((owner < 0) | (t_loc == owner))[:, None]
+    return m & c_ok[None, :]
+
+
+@triton.jit
+def _fwd(Q, K, V, ACC, LSE, ROWD, DO, GATE, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+         Tq, Tk, Nk, Ns, n_txt, window, scale,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-         D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr):
+         D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
+         PRECISION: tl.constexpr, ROWDOT: tl.constexpr):
+    """Online-softmax forward of one tile. ROWDOT=False: ACC[row] += gate·o; ROWDOT=True: ROWD[row] = Σ dO·o.
+    LSE[row] = log-sum-exp (+inf for a row that sees nothing: its o is 0). Rows not needed are left untouched."""
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hkv = bh % HKV
-    t, g, valid, p = _tile_rows(tile, Tq, Tk, G, GP, BLOCK_T)
-    need = tl.load(NEED + b * Tq + t, mask=valid, other=0)
-    if tl.max(need, axis=0) == 0:
+    b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
+                                               BLOCK_T, D)
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
-    h = hkv * G + g
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
-    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
-
-    own, sel, seg_base, lo, n_seg = _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles,
-                                               window, HKV, BLOCK_T, BLOCK_N, N_SEL, U, MODE)
+    lo, n_seg = _n_segments(MODE, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T, BLOCK_N, NSEL)
 
     m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], tl.float32)
     acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
     n = tl.arange(0, BLOCK_N)
     for i in range(0, n_seg):
-        start, length, sid = _segment(MODE, i, lo, SEG, seg_base, BLOCK_N)
-        c = start + n
-        c_ok = (n < length) & (c < Nk)
-        k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        s = tl.where(_visible(MODE, c, c_ok, p, KEND, b.to(tl.int64) * Nk, window, sid, own, sel), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(e, axis=1)
-        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N,
+                                        NSEL)
+        if length > 0:
+            c = start + n
+            c_ok = (n < length) & (c < Nk)
+            k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner)
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            e = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(e, axis=1)
+            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
-    o_ptr = O + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
-    tl.store(o_ptr[:, None] + dv[None, :], out, mask=valid[:, None])
-    tl.store(LSE + (b.to(tl.int64) * (HKV * G) + h) * Tq + t, lse, mask=valid)
+    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i))), mask=valid)
+    o_ptr = row[:, None] * DV + dv[None, :]
+    if ROWDOT:
+        do = tl.load(DO + o_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
+        tl.store(ROWD + row, tl.sum(do * out, axis=1), mask=valid)
+    else:
+        if GI >= 0:
+            out = out * tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)[:, None]
+        prev = tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
+        tl.store(ACC + o_ptr, prev + out, mask=valid[:, None])
 
 
 @triton.jit
-def _bwd(Q, K, V, DO, LSE, DELTA, DQ, DK, DV_, KEND, SEG, NSEG, OWN, SEL, NEED,
-         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-         Tq, Tk, Nk, n_tiles, window, scale,
-         G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-         D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr, U: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr, DKDV: tl.constexpr):
+def _gated_do(DO, GATE, row, valid, GI: tl.constexpr, DV: tl.constexpr):
+    """dO of one branch for the rows: g·dO (NSA eq. 5), fp32 [rows, DV]."""
+    do = tl.load(DO + row[:, None] * DV + tl.arange(0, DV)[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    if GI >= 0:
+        do = do * tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)[:, None]
+    return do
+
+
+@triton.jit
+def _bwd_dq(Q, K, V, DO, GATE, LSE, DELTA, DQ, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED,
+            sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+            Tq, Tk, Nk, Ns, n_txt, window, scale,
+            G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+            D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
+            PRECISION: tl.constexpr):
+    """DQ[row] += dq of one branch, per query tile (the same key segments as the forward)."""
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hkv = bh % HKV
-    t, g, valid, p = _tile_rows(tile, Tq, Tk, G, GP, BLOCK_T)
-    need = tl.load(NEED + b * Tq + t, mask=valid, other=0)
-    if tl.max(need, axis=0) == 0:
+    b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
+                                               BLOCK_T, D)
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
-    valid = valid & (need != 0)
-    h = hkv * G + g
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
-    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    o_off = b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
-    do = tl.load(DO + o_off[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
-    row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
+    do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
     lse = tl.load(LSE + row, mask=valid, other=float("inf"))
     delta = tl.load(DELTA + row, mask=valid, other=0.0)
-    kv_off = (b * HKV + hkv).to(tl.int64) * Nk
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
-
-    own, sel, seg_base, lo, n_seg = _tile_plan(OWN, SEL, NSEG, b, hkv, tile, t, p, valid, Tq, Tk, Nk, n_tiles,
-                                               window, HKV, BLOCK_T, BLOCK_N, N_SEL, U, MODE)
+    lo, n_seg = _n_segments(MODE, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T, BLOCK_N, NSEL)
 
     dq = tl.zeros([BLOCK_T * GP, D], tl.float32)
     n = tl.arange(0, BLOCK_N)
     for i in range(0, n_seg):
-        start, length, sid = _segment(MODE, i, lo, SEG, seg_base, BLOCK_N)
-        c = start + n
-        c_ok = (n < length) & (c < Nk)
-        k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        vis = _visible(MODE, c, c_ok, p, KEND, b.to(tl.int64) * Nk, window, sid, own, sel) & valid[:, None]
-        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = pr * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        if DKDV:
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * scale
-            dvv = tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
-            tl.atomic_add(DK + (kv_off + c)[:, None] * D + d[None, :], dk, mask=c_ok[:, None])
-            tl.atomic_add(DV_ + (kv_off + c)[:, None] * DV + dv[None, :], dvv, mask=c_ok[:, None])
-    tl.store(DQ + row[:, None] * D + d[None, :], dq * scale, mask=valid[:, None])
-
-
-def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE):
-    """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
-    fp32, for shared memory); the selection mode takes 16 rows, as few positions as ``tl.dot`` allows, because a
-    tile reads the union of its positions' selected blocks."""
-    G = Hq // Hkv
-    GP = triton.next_power_of_2(G)
-    rows = 16 if mode == SELECTION else 64 if dtype == torch.float32 else 128
-    return G, GP, max(1, rows // GP)
-
-
-def _dummies(device):
-    z32 = torch.zeros(1, dtype=torch.int32, device=device)
-    return z32
-
-
-@dataclass
-class SegmentPlan:
-    """What a launch needs besides q, k, v: the mode, the rows that need it, and the mode's tables.
-
-    Attributes:
-        mode: one of DENSE, WINDOW, COMPRESSED, SELECTION; need: int8 [B, Tq] rows whose output is used;
-        tk: number of key positions Tk (queries are the last Tq of them); own: int32 [B, Tk] own selection block of
-        each position (−2 for text; SELECTION, a 1-element dummy otherwise); window: w (WINDOW);
-        kend: int32 [B, Nk] last key position of each compressed key (COMPRESSED);
-        segments: int32 [B, Hkv, n_tiles, U, 3] (start, length, block id; text chunks first, id −1) and
-        counts int32 [B, Hkv, n_tiles]; selected: int32 [B, Hkv, Tq, n] block ids (−3: none); n_text: text chunks at
-        the head of every segment list; block_start / block_end: long [B, Ns] selection blocks (SELECTION).
-    """
-
-    mode: int
-    need: torch.Tensor
-    tk: int
-    own: torch.Tensor
-    window: int = 1
-    kend: torch.Tensor | None = None
-    segments: torch.Tensor | None = None
-    counts: torch.Tensor | None = None
-    selected: torch.Tensor | None = None
-    block_n: int = 64
-    n_text: int = 0
-    block_start: torch.Tensor | None = None
-    block_end: torch.Tensor | None = None
-
-    @property
-    def n_blocks(self) -> int:
-        return 0 if self.block_start is None else self.block_start.shape[1]
-
-    @property
-    def text_len(self) -> torch.Tensor:
-        return self.segments[:, 0, -1, : self.n_text, 1]  # the last tile keeps every text chunk
-
-
-def _args(q, k, v, plan: SegmentPlan):
-    dev = q.device
-    z = _dummies(dev)
-    kend = plan.kend if plan.kend is not None else z
-    seg = plan.segments if plan.segments is not None else z
-    cnt = plan.counts if plan.counts is not None else z
-    own = plan.own if plan.own is not None else z
-    sel = plan.selected if plan.selected is not None else z
-    n_sel = sel.shape[-1] if plan.selected is not None else 1
-    U = seg.shape[-2] if plan.segments is not None else 1
-    return kend, seg, cnt, own, sel, triton.next_power_of_2(n_sel), U
-
-
-def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan):
-    """Forward of one mode. q [B, Hq, Tq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv] (Nk = Tk, or the compressed
-    count in COMPRESSED mode). Returns (o fp32 [B, Hq, Tq, Dv],
-    lse fp32 [B, Hq, Tq]); rows not in ``plan.need`` hold garbage."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    Tk = plan.tk
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
-    n_tiles = triton.cdiv(Tq, BLOCK_T)
-    # poisoned: a row the kernel should have written and did not shows up as NaN
-    o = torch.full((B, Hq, Tq, Dv), float("nan"), dtype=torch.float32, device=q.device)
-    lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
-    kend, seg, cnt, own, sel, n_sel_p2, U = _args(q, k, v, plan)
-    if plan.selected is not None and n_sel_p2 != sel.shape[-1]:
-        sel = torch.nn.functional.pad(sel, (0, n_sel_p2 - sel.shape[-1]), value=-3)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _fwd[(n_tiles, B * Hkv)](
-        q, k, v, o, lse, kend, seg, cnt, own, sel, plan.need,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
-        Tq, Tk, Nk, n_tiles, plan.window, scale,
-        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
-        MODE=plan.mode, PRECISION=precision, num_stages=1 if q.dtype == torch.float32 else 2)
-    return o, lse
-
-
-def segment_attention_bwd(q, k, v, o, lse, do, scale: float, plan: SegmentPlan):
-    """Backward of one mode: (dq [B, Hq, Tq, D], dk [B, Hkv, Nk, D], dv [B, Hkv, Nk, Dv]) in fp32; rows not in
-    ``plan.need`` contribute nothing."""
-    B, Hq, Tq, D = q.shape
-    Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    Tk = plan.tk
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
-    n_tiles = triton.cdiv(Tq, BLOCK_T)
-    do = do.contiguous()
-    o = o.contiguous()
-    delta = (o.float() * do.float()).sum(-1).contiguous()
-    dq = torch.zeros(B, Hq, Tq, D, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(B, Hkv, Nk, D, dtype=torch.float32, device=q.device)
-    dvv = torch.zeros(B, Hkv, Nk, Dv, dtype=torch.float32, device=q.device)
-    kend, seg, cnt, own, sel, n_sel_p2, U = _args(q, k, v, plan)
-    if plan.selected is not None and n_sel_p2 != sel.shape[-1]:
-        sel = torch.nn.functional.pad(sel, (0, n_sel_p2 - sel.shape[-1]), value=-3)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    do_c = do.to(q.dtype)
-    _bwd[(n_tiles, B * Hkv)](
-        q, k, v, do_c, lse, delta, dq, dk, dvv, kend, seg, cnt, own, sel, plan.need,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do_c.stride()[:3],
-        Tq, Tk, Nk, n_tiles, plan.window, scale,
-        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=n_sel_p2, U=U,
-        MODE=plan.mode, PRECISION=precision, DKDV=plan.mode != SELECTION, num_stages=1)
-    if plan.mode == SELECTION:
-        _selection_dkdv(q, k, v, do_c, lse, delta, dk, dvv, sel, plan, scale, precision)
-    return dq, dk, dvv
+        start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N,
+                                        NSEL)
+        if length > 0:
+            c = start + n
+            c_ok = (n < length) & (c < Nk)
+            k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner) & valid[:, None]
+            pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = pr * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    ptr = DQ + row[:, None] * D + d[None, :]
+    tl.store(ptr, tl.load(ptr, mask=valid[:, None], other=0.0) + dq * scale, mask=valid[:, None])
 
 
 @triton.jit
-def _bwd_dkdv_sel(Q, K, V, DO, LSE, DELTA, DK, DV_, KSEG, OFF, TILES, OWN, SEL, NEED,
-                  sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-                  Tq, Tk, Nk, n_keys, n_pairs, scale,
-                  G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, N_SEL: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """dk, dv of the selection branch without atomics: one program per key segment (a selection block or a text
-    chunk) walks the query tiles that read it (a CSR list built from the tiles' segment lists)."""
+def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, CSR_OFF,
+              CSR_TILES,
+              sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+              Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pairs, window, scale,
+              G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+              D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, GI: tl.constexpr,
+              MODE: tl.constexpr, PRECISION: tl.constexpr):
+    """DK, DV += one branch's gradient of one key segment, walking the query tiles that read it: a contiguous range
+    for dense / window / compressed keys and for text chunks, a CSR list for a selection block."""
     kid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
-    kseg = (b.to(tl.int64) * n_keys + kid) * 3
-    start = tl.load(KSEG + kseg).to(tl.int64)
-    length = tl.load(KSEG + kseg + 1)
-    sid = tl.load(KSEG + kseg + 2)
-    if length == 0:
-        return
+    off = Tk - Tq  # key position of query 0
+    csr = (MODE == 3) & (kid < Ns)
+    sid = tl.where(kid < Ns, kid, -1)
+    if MODE == 3:
+        if kid < Ns:
+            start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
+            length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
+            base = (b * HKV + hkv).to(tl.int64) * (Ns + 1) + kid
+            t_lo = tl.load(CSR_OFF + base)
+            t_hi = tl.load(CSR_OFF + base + 1)
+        else:
+            start = tl.load(TXT + (b * n_txt + kid - Ns) * 2).to(tl.int64)
+            length = tl.load(TXT + (b * n_txt + kid - Ns) * 2 + 1)
+            t_lo = tl.maximum(start - off, 0).to(tl.int32) // BLOCK_T
+            t_hi = n_tiles
+    else:
+        start = (kid * BLOCK_N).to(tl.int64)
+        length = BLOCK_N
+        if MODE == 0:
+            first = start
+            last = Tk
+        elif MODE == 1:
+            first = start
+            last = start + BLOCK_N - 1 + window
+        else:
+            first = tl.load(KEND + b.to(tl.int64) * Nk + start, mask=start < Nk, other=2147483647).to(tl.int64)
+            last = Tk
+        t_lo = (tl.maximum(first - off, 0) // BLOCK_T).to(tl.int32)
+        t_hi = tl.minimum(tl.cdiv(tl.maximum(last - off, 0), BLOCK_T), n_tiles).to(tl.int32)
     n = tl.arange(0, BLOCK_N)
     c = start + n
-    c_ok = n < length
+    c_ok = (n < length) & (c < Nk)
+    if tl.max(c_ok.to(tl.int32), axis=0) == 0:
+        return
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + c[:, None] * skt + d[None, :],
@@ -354,128 +284,261 @@ def _bwd_dkdv_sel(Q, K, V, DO, LSE, DELTA, DK, DV_, KSEG, OFF, TILES, OWN, SEL, 
                 mask=c_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
-    off = (b * HKV + hkv).to(tl.int64) * (n_keys + 1) + kid
-    lo = tl.load(OFF + off)
-    hi = tl.load(OFF + off + 1)
-    for i in range(lo, hi):
-        tile = tl.load(TILES + (b * HKV + hkv).to(tl.int64) * n_pairs + i)
-        t, g, valid, p = _tile_rows(tile, Tq, Tk, G, GP, BLOCK_T)
-        need = tl.load(NEED + b * Tq + t, mask=valid, other=0)
-        valid = valid & (need != 0)
-        h = hkv * G + g
-        q = tl.load((Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt)[:, None] + d[None, :],
-                    mask=valid[:, None], other=0.0)
-        o_off = b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
-        do = tl.load(DO + o_off[:, None] + dv[None, :], mask=valid[:, None], other=0.0)
-        row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
-        lse = tl.load(LSE + row, mask=valid, other=float("inf"))
-        delta = tl.load(DELTA + row, mask=valid, other=0.0)
-        own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid, other=-3)
-        sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * N_SEL + tl.arange(0, N_SEL)[None, :],
-                      mask=valid[:, None], other=-3)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        vis = _visible(3, c, c_ok, p, OWN, 0, 0, sid, own, sel) & valid[:, None]
-        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = pr * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
+    for i in range(t_lo, t_hi):
+        tile = i
+        if csr:
+            tile = tl.load(CSR_TILES + (b * HKV + hkv).to(tl.int64) * n_pairs + i)
+        _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D)
+        if tl.max(valid.to(tl.int32), axis=0) > 0:
+            do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
+            lse = tl.load(LSE + row, mask=valid, other=float("inf"))
+            delta = tl.load(DELTA + row, mask=valid, other=0.0)
+            if MODE == 3:
+                # a row sees this segment if it is text (sid −1), its own block, or one of its selected blocks
+                own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid, other=-3)
+                slot = tl.arange(0, NSEL_P2)
+                sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * NSEL + slot[None, :],
+                              mask=valid[:, None] & (slot < NSEL)[None, :], other=-3)
+                chosen = tl.sum((sel == sid).to(tl.int32), axis=1) > 0
+                vis = (c[None, :] <= p[:, None]) & ((sid < 0) | (own == sid) | chosen)[:, None] & c_ok[None, :]
+            else:
+                vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1)
+            vis = vis & valid[:, None]
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = pr * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
     kv_off = (b * HKV + hkv).to(tl.int64) * Nk
-    tl.store(DK + (kv_off + c)[:, None] * D + d[None, :], dk * scale, mask=c_ok[:, None])
-    tl.store(DV_ + (kv_off + c)[:, None] * DV + dv[None, :], dvv, mask=c_ok[:, None])
+    pk = DK + (kv_off + c)[:, None] * D + d[None, :]
+    pv = DV_ + (kv_off + c)[:, None] * DV + dv[None, :]
+    tl.store(pk, tl.load(pk, mask=c_ok[:, None], other=0.0) + dk * scale, mask=c_ok[:, None])
+    tl.store(pv, tl.load(pv, mask=c_ok[:, None], other=0.0) + dvv, mask=c_ok[:, None])
 
 
-def _selection_dkdv(q, k, v, do, lse, delta, dk, dv, sel, plan: SegmentPlan, scale: float, precision: str):
-    """Selection dk/dv through `_bwd_dkdv_sel`: invert the tiles' segment lists into, per key segment, the tiles
-    that read it."""
+# -------------------------------------------------------------------------------------------------- host side
+def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE):
+    """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
+    fp32, for shared memory); the selection mode takes 16 rows, as few positions as ``tl.dot`` allows, because
+    every position reads its own blocks."""
+    G = Hq // Hkv
+    GP = triton.next_power_of_2(G)
+    rows = 16 if mode == SELECTION else 64 if dtype == torch.float32 else 128
+    return G, GP, max(1, rows // GP)
+
+
+@dataclass
+class SegmentPlan:
+    """What a launch needs besides q, k, v: the mode, the rows that need it and the mode's tables.
+
+    Attributes:
+        mode: DENSE, WINDOW, COMPRESSED or SELECTION; need: int8 [B, Tq], rows whose output this branch gives;
+        tk: number of key positions Tk (the queries are the last Tq of them); gate: index of the branch's gate in
+        the [B, Hq, Tq, 3] gates (compression 0, selection 1, window 2), −1 for none (dense);
+        window: w (WINDOW); kend: int32 [B, Nk] last key position of each compressed key (COMPRESSED);
+        selected: int32 [B, Hkv, Tq, n] top-n block ids (−1: none) and segments: int32 [B, Hkv, Tq, n+1, 2] the
+        (start, length) of those blocks and of the position's own block (length 0: none), both from `select_topn`;
+        own: int32 [B, Tk] own selection block of each
+        position (−2 for text); block_start / block_len: int32 [B, Ns] selection blocks; text: int32 [B, n_txt, 2]
+        (start, length) chunks of at most ``block_n`` text keys (SELECTION).
+    """
+
+    mode: int
+    need: torch.Tensor
+    tk: int
+    gate: int = -1
+    window: int = 1
+    kend: torch.Tensor | None = None
+    selected: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+    own: torch.Tensor | None = None
+    block_start: torch.Tensor | None = None
+    block_len: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+    block_n: int = 64
+
+    def tables(self, device):
+        z = torch.zeros(1, dtype=torch.int32, device=device)
+        pick = lambda x: z if x is None else x  # noqa: E731
+        n_txt = 0 if self.text is None else self.text.shape[1]
+        Ns = 0 if self.block_start is None else self.block_start.shape[1]
+        nsel = 1 if self.selected is None else self.selected.shape[-1]
+        return ((pick(self.kend), pick(self.text), pick(self.segments), pick(self.selected), pick(self.own),
+                 pick(self.block_start), pick(self.block_len), self.need), Ns, n_txt, nsel)
+
+
+def _launch_common(q, k, v, plan: SegmentPlan):
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, SELECTION)
-    seg = plan.segments.long()  # [B, Hkv, n_tiles, U, 3]
-    n_tiles, U = seg.shape[2], seg.shape[3]
-    n_txt = plan.n_text
-    Ns = plan.n_blocks
-    # key segments: the Ns selection blocks, then the text chunks (same for every KV head)
-    kseg = torch.zeros(B, Ns + n_txt, 3, dtype=torch.int32, device=q.device)
-    kseg[:, :Ns] = torch.stack([plan.block_start, plan.block_end - plan.block_start + 1,
-                                torch.arange(Ns, device=q.device).expand(B, -1)], -1).to(torch.int32)
-    kseg[:, :Ns, 1] = torch.where(plan.block_start < plan.tk, kseg[:, :Ns, 1], 0)
-    if n_txt:
-        kseg[:, Ns:, 0] = seg[:, 0, 0, :n_txt, 0].to(torch.int32)
-        kseg[:, Ns:, 1] = plan.text_len.to(torch.int32)
-        kseg[:, Ns:, 2] = -1
-    u = torch.arange(U, device=q.device)
-    key = torch.where(u < n_txt, Ns + u, seg[..., 2])  # [B, Hkv, n_tiles, U]
-    ok = seg[..., 1] > 0
-    key = torch.where(ok, key, Ns + n_txt)  # invalid → a sentinel key past the end
-    tiles = torch.arange(n_tiles, device=q.device)[None, None, :, None].expand_as(key)
-    order = (key * n_tiles + tiles).reshape(B, Hkv, -1).sort(-1).values
-    key_sorted, tile_sorted = order // n_tiles, order % n_tiles
-    counts = torch.zeros(B, Hkv, Ns + n_txt + 1, dtype=torch.long, device=q.device)
-    counts.scatter_add_(-1, key_sorted, torch.ones_like(key_sorted))
-    off = torch.zeros(B, Hkv, Ns + n_txt + 1, dtype=torch.int32, device=q.device)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
+    tables, Ns, n_txt, nsel = plan.tables(q.device)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    meta = dict(G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, GI=plan.gate,
+                MODE=plan.mode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return tables, strides, (Tq, plan.tk, Nk, Ns, n_txt), meta, (triton.cdiv(Tq, BLOCK_T), B * Hkv)
+
+
+def _launch_options(q, plan: SegmentPlan) -> dict:
+    """Selection tiles are 16 rows reading data-dependent blocks: few warps and no software pipelining (whose
+    shared-memory buffers would cap the programs resident per SM), so many programs hide the load latency."""
+    if plan.mode == SELECTION:
+        return dict(num_warps=2, num_stages=1)
+    return dict(num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2)
+
+
+def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None):
+    """One branch's forward.
+
+    Args:
+        q [B, Hq, Tq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv] (Nk = Tk, or the compressed count in COMPRESSED
+        mode), fp16 / bf16 / fp32; gates: fp32 contiguous [B, Hq, Tq, 3];
+        acc: fp32 contiguous [B, Hq, Tq, Dv]: the needed rows get ``+= gate·o`` (or ``+= o`` without a gate);
+        grad_out: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO: returns the rows' ``Σ_d dO·o`` (fp32 [B, Hq, Tq]).
+    Returns:
+        (lse fp32 [B, Hq, Tq], rowdot fp32 [B, Hq, Tq] or None); rows not needed hold NaN.
+    """
+    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan)
+    B, Hq, Tq = q.shape[:3]
+    lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
+    rowd = None if grad_out is None else torch.full_like(lse, float("nan"))
+    z = torch.zeros(1, dtype=torch.float32, device=q.device)
+    _fwd[grid](q, k, v, z if acc is None else acc, lse, z if rowd is None else rowd,
+               z if grad_out is None else grad_out, gates, *tables, *strides, *sizes, plan.window, scale, **meta,
+               ROWDOT=grad_out is not None, **_launch_options(q, plan))
+    return lse, rowd
+
+
+def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dq, dk, dv):
+    """One branch's backward, accumulated in place: ``dq`` fp32 [B, Hq, Tq, D], ``dk`` fp32 [B, Hkv, Nk, D], ``dv``
+    fp32 [B, Hkv, Nk, Dv] (all contiguous) get the gradients of ``Σ gate·o``. ``lse`` from the forward and ``delta``
+    = ``Σ_d (gate·dO)·o`` per row (fp32 [B, Hq, Tq]); ``grad_out`` contiguous [B, Hq, Tq, Dv]."""
+    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan)
+    B, Hq, Tq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    _bwd_dq[grid](q, k, v, grad_out, gates, lse, delta, dq, *tables, *strides, *sizes, plan.window, scale, **meta,
+                  num_stages=1, num_warps=_launch_options(q, plan)["num_warps"])
+    n_tiles = grid[0]
+    Ns, n_txt = sizes[3], sizes[4]
+    if plan.mode == SELECTION:
+        off, tiles = _selection_csr(plan, q.shape, Hkv, n_tiles, meta["BLOCK_T"])
+        n_keys = Ns + n_txt
+    else:
+        off = tiles = torch.zeros(1, dtype=torch.int32, device=q.device)
+        n_keys = triton.cdiv(Nk, plan.block_n)
+    _bwd_dkdv[(n_keys, B * Hkv)](q, k, v, grad_out, gates, lse, delta, dk, dv, *tables, off, tiles, *strides,
+                                 *sizes, n_tiles, tiles.shape[-1], plan.window, scale, **meta,
+                                 NSEL_P2=triton.next_power_of_2(meta["NSEL"]), num_stages=1)
+
+
+def _selection_csr(plan: SegmentPlan, q_shape, Hkv: int, n_tiles: int, BLOCK_T: int):
+    """For every (batch, KV head, selection block): the query tiles whose positions selected it or own it, as CSR
+    (offsets int32 [B, Hkv, Ns+1], tiles int32 [B, Hkv, pairs]); duplicates removed so a tile is visited once."""
+    B, _, Tq, _ = q_shape
+    Tk, Ns = plan.tk, plan.block_start.shape[1]
+    dev = plan.need.device
+    need = plan.need.bool()
+    own = plan.own[:, Tk - Tq:].long()  # [B, Tq]
+    ids = torch.cat([plan.selected.long(), own[:, None, :, None].expand(-1, Hkv, -1, -1)], -1)  # [B, Hkv, Tq, n+1]
+    ok = (ids >= 0) & need[:, None, :, None]
+    tile = (torch.arange(Tq, device=dev) // BLOCK_T)[None, None, :, None]
+    key = torch.where(ok, ids * n_tiles + tile, Ns * n_tiles).reshape(B, Hkv, -1).sort(-1).values
+    first = torch.ones_like(key, dtype=torch.bool)
+    first[..., 1:] = key[..., 1:] != key[..., :-1]
+    key = torch.where(first, key, Ns * n_tiles).sort(-1).values  # unique pairs first, in (block, tile) order
+    block = key // n_tiles
+    counts = torch.zeros(B, Hkv, Ns + 1, dtype=torch.long, device=dev)
+    counts.scatter_add_(-1, block, torch.ones_like(block))  # integer adds: exact in any order
+    off = torch.zeros(B, Hkv, Ns + 1, dtype=torch.int32, device=dev)
     off[..., 1:] = counts[..., :-1].cumsum(-1).to(torch.int32)
-    tiles_csr = tile_sorted.to(torch.int32).contiguous()
-    dk_sel = torch.zeros_like(dk)
-    dv_sel = torch.zeros_like(dv)
-    _bwd_dkdv_sel[(Ns + n_txt, B * Hkv)](
-        q, k, v, do, lse, delta, dk_sel, dv_sel, kseg.contiguous(), off.contiguous(), tiles_csr, plan.own, sel,
-        plan.need, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
-        Tq, plan.tk, Nk, Ns + n_txt, tiles_csr.shape[-1], scale,
-        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, N_SEL=sel.shape[-1],
-        PRECISION=precision, num_stages=1)
-    dk += dk_sel
-    dv += dv_sel
+    return off.contiguous(), (key % n_tiles).to(torch.int32).contiguous()
 
 
 @triton.jit
-def _group_probs(Q, KC, LSE, KEND, OUT, sqb, sqh, sqt, skb, skh, skt, Tq, Tk, Nk, t_start, C, scale,
-                 G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
-                 BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
-    """Compression probabilities summed over the G heads of a group, for queries t_start … t_start+C−1:
-    OUT[b, hkv, t − t_start, c] = Σ_g exp(q·k_c·scale − lse) over visible compressed blocks (0 elsewhere)."""
+def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, skh, skt,
+          Tq, Tk, Nc, Ns, scale,
+          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
+          W: tl.constexpr, D: tl.constexpr, N: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr):
+    """Top-N selection blocks per position of a tile. A block's score is Σ over the group's heads and over the
+    compression blocks overlapping it of exp(q·k_c·scale − lse) (NSA eqs. 8-10); candidates are the first
+    NCAND[position] blocks (those ending before the position's own block). Order: higher score, then lower id,
+    exactly as `selection.select_block_ids` (int32 keys: the score's float bits above ID_BITS, the block id
+    below); the running top-N is merged per chunk of BLOCK_S blocks by one bitonic sort of (kept, new) keys."""
     tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hkv = bh % HKV
-    r = tl.arange(0, BLOCK_T * GP)
-    tq = tile * BLOCK_T + r // GP  # chunk-relative position of each row
-    t = t_start + tq
-    g = r % GP
-    valid = (g < G) & (tq < C) & (t < Tq)
-    p = Tk - Tq + t
-    h = hkv * G + g
+    b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
+                                               BLOCK_T, D)
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
+        return
+    lse = tl.load(LSE + row, mask=valid, other=float("inf"))
     d = tl.arange(0, D)
-    q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
-    q = tl.load(q_ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-    lse = tl.load(LSE + (b.to(tl.int64) * (HKV * G) + h) * Tq + t, mask=valid, other=float("inf"))
     k_base = KC + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     tr = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    out_rows = ((b * HKV + hkv).to(tl.int64) * C + tr) * Nk
-    n = tl.arange(0, BLOCK_N)
-    for j in range(0, tl.cdiv(Nk, BLOCK_N)):
-        c = j * BLOCK_N + n
-        c_ok = c < Nk
-        k = tl.load(k_base + c[:, None].to(tl.int64) * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        end = tl.load(KEND + b.to(tl.int64) * Nk + c, mask=c_ok, other=2147483647)
-        vis = (end[None, :] <= p[:, None]) & c_ok[None, :] & valid[:, None]
-        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-        grp = tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_N)), axis=1)
-        tl.store(OUT + out_rows[:, None] + c[None, :], grp,
-                 mask=((tr < C) & (t_start + tr < Tq))[:, None] & c_ok[None, :])
+    ncand = tl.load(NCAND + b.to(tl.int64) * Tq + tr, mask=tr < Tq, other=0)
+    sj = tl.arange(0, BLOCK_S)
+    best = tl.full([BLOCK_T, BLOCK_S], -1, tl.int32)
+    low = (1 << ID_BITS) - 1
+    for ch in range(0, tl.cdiv(tl.max(ncand, axis=0), BLOCK_S)):
+        j = ch * BLOCK_S + sj
+        j_ok = j < Ns
+        first = tl.load(FIRST + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
+        width = tl.load(WIDTH + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
+        score = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+        for w in tl.static_range(W):
+            c = first + w
+            c_ok = (w < width) & (c < Nc)
+            kc = tl.load(k_base + c[:, None].to(tl.int64) * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * scale
+            end = tl.load(KEND + b.to(tl.int64) * Nc + c, mask=c_ok, other=2147483647)
+            vis = (end[None, :] <= p[:, None]) & c_ok[None, :] & valid[:, None]
+            pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            score += tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_S)), axis=1)
+        key = ((tl.maximum(score, 0.0).to(tl.int32, bitcast=True) >> ID_BITS) << ID_BITS) + (low - j)[None, :]
+        key = tl.where(j[None, :] < ncand[:, None], key, -1)
+        both = tl.sort(tl.reshape(tl.join(best, key), (BLOCK_T, 2 * BLOCK_S)), dim=1, descending=True)
+        best, _ = tl.split(tl.permute(tl.reshape(both, (BLOCK_T, 2, BLOCK_S)), (0, 2, 1)))
+    ids = tl.where(best >= 0, low - (best & low), -1)
+    out = OUT + ((b * HKV + hkv).to(tl.int64) * Tq + tr)[:, None] * N + sj[None, :]
+    tl.store(out, ids, mask=(tr < Tq)[:, None] & (sj < N)[None, :])
 
 
-def group_compression_probs(q, k_cmp, lse, kend, Tk: int, scale: float, t_start: int, C: int):
-    """fp32 [B, Hkv, C, Nc]: compression probabilities of queries t_start … t_start+C−1 summed over each GQA group
-    (what the selection branch scores blocks with), without a per-head tensor."""
+def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float):
+    """Top-n selection blocks of every needed query, shared by the heads of each GQA group (NSA §3.3.2); the
+    Triton twin of `selection.select_block_ids` (same scores, candidates and order).
+
+    Args:
+        q: [B, Hq, Tq, D]; k_cmp: [B, Hkv, Nc, D] compressed keys; lse_cmp: fp32 [B, Hq, Tq] log-sum-exp of the
+        compression branch; kend: int32 [B, Nc] last key of each compressed block; layout: `common.VideoLayout`;
+        need: int8 [B, Tq] the queries to select for; top_n: n; scale: the softmax scale of the compression branch.
+    Returns:
+        int32 [B, Hkv, Tq, min(n, Ns)]: block ids, −1 where fewer than n candidates exist or the row is not needed.
+    Raises:
+        NSAInputError: 2**20 selection blocks or more in one sequence.
+    """
+    from .common import NSAInputError
+    from .selection import key_id_bits
+
     B, Hq, Tq, D = q.shape
     Hkv, Nc = k_cmp.shape[1], k_cmp.shape[2]
+    Tk = layout.is_video.shape[1]
+    sel_start, sel_end = layout.sel_block_start, layout.sel_block_end  # [B, Ns]
+    Ns = sel_start.shape[1]
+    if Ns >= 1 << 20:
+        raise NSAInputError(f"{Ns} selection blocks in one sequence exceed the top-n kernel's limit of 2**20 − 1; "
+                            "raise selection_block_size or shorten the video")
+    n = min(top_n, Ns)
+    # compression blocks overlapping each selection block: a contiguous band (blocks are ordered by position)
+    first = torch.searchsorted(layout.cmp_block_end.contiguous(), sel_start.contiguous())
+    last = torch.searchsorted(layout.cmp_block_start.contiguous(), sel_end.contiguous(), right=True)
+    width = torch.where(sel_start < Tk, last - first, 0).clamp_min(0)
+    W = max(1, int(width.max()))
+    own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
+    ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
+    out = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32, device=q.device)
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
-    out = torch.empty(B, Hkv, C, Nc, dtype=torch.float32, device=q.device)
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    _group_probs[(triton.cdiv(C, BLOCK_T), B * Hkv)](
-        q, k_cmp, lse, kend, out, *q.stride()[:3], *k_cmp.stride()[:3], Tq, Tk, Nc, t_start, C, scale,
-        G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=64, D=D, PRECISION=precision,
-        num_stages=1 if q.dtype == torch.float32 else 2)
-    return out
+    BLOCK_S = max(16, triton.next_power_of_2(n))
+    _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
+        q, k_cmp, lse_cmp, kend, first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(),
+        ncand.to(torch.int32).contiguous(), need, out, *q.stride()[:3], *k_cmp.stride()[:3], Tq, Tk, Nc, Ns,
+        scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, W=W, D=D, N=n, ID_BITS=key_id_bits(Ns),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=1 if q.dtype == torch.float32 else 2)
+    return torch.where(need.bool()[:, None, :, None], out, -1)

@@ -35,6 +35,11 @@ def _block_scores(p: Tensor, layout: VideoLayout) -> Tensor:
     return p.gather(-1, idx).reshape(B, Hkv, C, -1, width).sum(-1)
 
 
+def key_id_bits(num_blocks: int) -> int:
+    """Bits of a top-n key that hold the block id: enough for ``num_blocks`` ids (at least 1)."""
+    return max(1, (num_blocks - 1).bit_length())
+
+
 @torch.no_grad()
 def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_n: int) -> Tensor:
     """Top-n past video blocks of each query, shared by the heads of a GQA group.
@@ -44,17 +49,20 @@ def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_
         layout: `video_layout` of the keys; positions: long [C], the queries' key positions; top_n: n.
     Returns:
         long [B, Hkv, C, min(n, Ns)]: selection block ids, −1 where fewer than n candidates exist. Candidates are
-        blocks that end before the query's own block starts; of equal scores the earlier block wins (up to
-        2**21 blocks per sequence).
+        blocks that end before the query's own block starts; of equal scores (to 31 − ``key_id_bits(Ns)`` bits)
+        the earlier block wins.
     """
     scores = _block_scores(p_cmp.sum(2), layout)  # [B, Hkv, C, Ns]
     own_start = layout.sel_start[:, positions]  # [B, C]
     candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, C, Ns]
-    # Exact order "higher score first, then earlier block": one int64 key per block (the float32 bits of a
-    # non-negative score are monotonic), so a plain top-k is deterministic and needs no sort of all blocks.
+    # Order "higher score first, then earlier block": one 32-bit key per block, the float32 bits of the
+    # non-negative score (monotonic) with the low `key_id_bits(Ns)` bits replaced by the reversed block id, so a
+    # plain top-k is deterministic and the Triton kernel sorts int32 keys. Scores that agree in their top
+    # 31 − key_id_bits bits (8 exponent bits, ≥ 11 mantissa bits up to 4,096 blocks) count as tied.
     Ns = scores.shape[-1]
+    idb = key_id_bits(Ns)
     bits = scores.float().clamp_min(0).view(torch.int32).long()
-    key = (bits << 21) + ((1 << 21) - 1 - torch.arange(Ns, device=scores.device))
+    key = ((bits >> idb) << idb) + ((1 << idb) - 1 - torch.arange(Ns, device=scores.device))
     key = torch.where(candidate[:, None], key, -1)
     n = min(top_n, Ns)
     top = key.topk(n, dim=-1).indices

@@ -18,6 +18,7 @@ CASES = {
     "B1-HQ16-H1-T50-group16": (1, 16, 1, 50, 50, 16, [[(0, 50)]], (8, 8, 16, 1, 12)),
     "B2-HQ6-H2-Tq20-Tk90-cache": (2, 6, 2, 20, 90, 16, [[(0, 90)], [(30, 80)]], (16, 16, 16, 2, 16)),
     "B1-HQ4-H2-T40-no-video": (1, 4, 2, 40, 40, 16, [[]], (16, 16, 16, 2, 16)),
+    "B1-HQ4-H2-T60-D24-padded-head-dim": (1, 4, 2, 60, 60, 24, [[(4, 60)]], (8, 8, 8, 2, 12)),
 }
 
 
@@ -53,17 +54,28 @@ def test_triton_interpreter_against_reference(case, dtype, tol):
         check(g, r, tol, name)
 
 
+GPU_CASES = {
+    # name: (Hq, Hkv, D, T, video ranges per row)
+    "HQ28-H4-D128-T4096-spans": (28, 4, 128, 4096, [[(100, 4000)], [(0, 1500), (1600, 4096)]]),
+    "HQ28-H4-D128-T8192": (28, 4, 128, 8192, [[(64, 8192)]]),
+    "HQ16-H2-D128-T8192-group8": (16, 2, 128, 8192, [[(0, 8192)]]),
+    "HQ64-H4-D128-T4096-group16": (64, 4, 128, 4096, [[(0, 4096)]]),
+    "HQ12-H2-D80-T4096-head-dim-80": (12, 2, 80, 4096, [[(30, 4096)]]),
+    "HQ28-H4-D96-T4096-head-dim-96": (28, 4, 96, 4096, [[(0, 2000), (2100, 4096)]]),
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("T,ranges", [(4096, [[(100, 4000)], [(0, 1500), (1600, 4096)]]), (8192, [[(64, 8192)]])],
-                         ids=["T4096-spans", "T8192"])
-def test_triton_gpu_against_reference(dtype, T, ranges):
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_triton_gpu_against_reference(dtype, case):
     from nsa_compile import NSAConfig
     from nsa_compile.kernels import nsa_attention
 
+    Hq, Hkv, D, T, ranges = GPU_CASES[case]
     cfg = NSAConfig.preset("videonsa")
     B = len(ranges)
-    q, k, v, gates = (x.to(dtype) for x in make(B, 28, 4, T, T, D=128, dtype=torch.float32, seed=11))
+    q, k, v, gates = (x.to(dtype) for x in make(B, Hq, Hkv, T, T, D=D, dtype=torch.float32, seed=11))
     vm = spans(B, T, ranges)
     dev = [x.cuda().requires_grad_() for x in (q, k, v, gates)]
     out = nsa_attention(*dev, vm.cuda(), cfg)  # the op picks Triton on CUDA
@@ -74,15 +86,45 @@ def test_triton_gpu_against_reference(dtype, T, ranges):
                         cfg.top_n, cfg.window_size)
     ref.backward(go.float())
     assert rel(out.float(), ref.detach()) <= 1e-2
-    for name, a, b in zip("qkv", dev, ref_in):
+    for name, a, b in zip("kv", dev[1:3], ref_in[1:3]):
         assert rel(a.grad.float(), b.grad) <= 1e-2, name
-    # Gate gradients are Σ dO·o_branch per row: where near-tied block scores flip a selection between the bf16
-    # kernels and the fp32 reference, o_slc differs for that row. Compare the rows whose selections agree, and
-    # require such flips to be rare.
+    # dq and the gate gradients (Σ dO·o_branch) are per row: where near-tied block scores flip a selection between
+    # the half-precision kernels and the fp32 reference, that row differs. Compare the rows whose selections
+    # agree, and require such flips to be rare.
     same = same_selection(q, k, v, gates, vm, cfg).cuda()  # [B, Hkv, T]
     assert same.float().mean() > 0.95
-    rows = same.repeat_interleave(7, 1)  # [B, Hq, T]
-    assert rel(dev[3].grad.float()[rows], ref_in[3].grad[rows]) <= 1e-2
+    rows = same.repeat_interleave(Hq // Hkv, 1)  # [B, Hq, T]
+    for name, i in (("q", 0), ("gates", 3)):
+        assert rel(dev[i].grad.float()[rows], ref_in[i].grad[rows]) <= 1e-2, name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [32768, 131072])
+def test_triton_gpu_long_against_chunked_reference(T):
+    """Qwen2.5-VL-7B's attention shape at 32K and 128K tokens (bf16, videonsa): the forward against the fp32
+    reference on query chunks spread over the sequence (the reference of a chunk needs only the keys up to its
+    end)."""
+    from nsa_compile import NSAConfig
+    from nsa_compile.kernels import nsa_attention
+
+    cfg = NSAConfig.preset("videonsa")
+    C = 512
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, 28, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    gates = torch.rand(1, 28, T, 3, device="cuda", dtype=torch.bfloat16, generator=g)
+    vm = torch.ones(1, T, dtype=torch.bool, device="cuda")
+    vm[:, :200] = False  # a text prompt before the video
+    with torch.no_grad():
+        out = nsa_attention(q, k, v, gates, vm, cfg)
+        assert not torch.isnan(out).any()
+        for c1 in (C, 8 * C, T // 2 + 77, T - 3 * C, T):
+            c0 = c1 - C
+            ref = nsa_reference(q[:, :, c0:c1].float(), k[:, :, :c1].float(), v[:, :, :c1].float(),
+                                gates[:, :, c0:c1].float(), vm[:, :c1], None, None, cfg.block_size,
+                                cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
+            assert rel(out[:, :, c0:c1].float(), ref) <= 1e-2, (c0, c1)
 
 
 def same_selection(q, k, v, gates, vm, cfg):
