@@ -11,9 +11,7 @@ Shapes:
   run it (its NSA kernels need a GQA group that is a power of two and ≥ 16).
 * **B** — fla-core's NSA setting: 64 query heads over 4 KV heads (group 16), head dim 128, compression blocks 64 /
   stride 64 (mean-pooled; fla fixes both to its ``block_size``), selection blocks 64, top-16, no sliding window.
-  Our op has no "no window" setting (``NSAConfig.window_size`` ≥ 1, and the op always runs the window branch), so
-  B runs ours with ``window_size=1`` and a window gate of 0 — the cheapest window there is (1 key per query);
-  ``window_size=0`` is used instead if `NSAConfig` accepts it.
+  Ours runs with ``window_size=0`` (no sliding-window branch), as fla's call.
 
 Implementations (each on the same random q, k, v and gates, drawn once per shape and length):
 
@@ -35,7 +33,7 @@ Implementations (each on the same random q, k, v and gates, drawn once per shape
   backward covers selection, compression and mean pooling (gradients of q, k, v, g_cmp, g_slc); block selection is
   not differentiated, as in ours. So fla's time includes its own top-k; nothing is precomputed. Differences left:
   fla's 16 blocks include the query's own block, ours are 16 past blocks plus the own block (one block more
-  per query), and ours also runs the 1-key window branch.
+  per query).
 * **floor** — dense attention of every query over as many keys as the NSA configuration attends on average
   (``attention_budget``: compressed blocks + selected keys + own block + window), as a causal sliding window of
   that many keys through ``flex_attention`` (compiled with dynamic shapes, once per head count; block mask built
@@ -70,7 +68,6 @@ import torch
 import torch.nn.functional as F
 
 from nsa_compile import NSAConfig
-from nsa_compile.config import NSAConfigError
 from nsa_compile.kernels import attention_budget, nsa_attention
 
 DEFAULT_TOKENS = [8192, 16384, 32768, 65536, 131072]
@@ -83,11 +80,8 @@ def _describe(cfg: NSAConfig) -> str:
 
 
 def _shape_b_config() -> NSAConfig:
-    base = dict(block_size=64, block_stride=64, selection_block_size=64, top_n=16, gate="constant")
-    try:
-        return NSAConfig(window_size=0, **base)
-    except NSAConfigError:
-        return NSAConfig(window_size=1, **base)
+    return NSAConfig(block_size=64, block_stride=64, selection_block_size=64, top_n=16, window_size=0,
+                     gate="constant")
 
 
 SHAPES = {

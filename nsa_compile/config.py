@@ -22,6 +22,7 @@ GATE_KINDS = ("mlp", "linear", "constant")
 MODALITIES = ("video", "image")
 GATE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 INNER_BACKENDS = ("eager", "inductor")
+DECODE_MODES = ("dense", "sparse")
 BRANCHES = ("compression", "selection", "sliding_window")
 
 
@@ -41,7 +42,8 @@ class NSAConfig:
         selection_block_size: selection block size l' in tokens (NSA §3.3.2).
         top_n: number n of past video blocks each query selects (NSA §3.3.2, eq. 11). The query's own block and
             every earlier text key are kept on top of these n blocks.
-        window_size: sliding-window size w in tokens (NSA §3.3.3): a query attends positions p−w+1 … p.
+        window_size: sliding-window size w in tokens (NSA §3.3.3): a query attends positions p−w+1 … p; 0 turns the
+            sliding-window branch off (its output is zero, as fla-core's ``window_size=0``).
         gate: gate kind. ``"mlp"``: Linear(hidden→hidden) → GELU → Linear(hidden→3·heads) (VideoNSA);
             ``"linear"``: Linear(hidden→3·heads); both then divide by ``gate_temperature`` and apply a sigmoid
             (NSA §3.2, eq. 5). ``"constant"``: fixed gate values ``gate_init``, no parameters (ablations and the
@@ -59,6 +61,20 @@ class NSAConfig:
             ``input_ids``). ``None`` takes the model config's ``video_token_id`` (and ``image_token_id``).
         inner_backend: how the rewritten graph is compiled after AOTAutograd: ``"eager"`` (run the FX graphs
             as they are; fastest to compile) or ``"inductor"``.
+        decode: how a *text* query attends in a call that extends a KV cache (fewer queries than keys: decode
+            steps, a text continuation after a cached video). ``"dense"`` (default): exact causal attention over
+            the whole cache. ``"sparse"``: like a video query (NSA §3.3 applied at decode): the compressed video
+            blocks it can see, the top-n video blocks scored by its group-summed compression probabilities plus
+            every text key, and the sliding window, mixed by its own gates; a text query with no video before it
+            stays dense. Prefill calls are unchanged. The op keeps each layer's compressed video keys/values
+            from the prefill and reuses them, so a decode step reads n blocks + the window + the compressed keys
+            instead of the whole cache (README "Attention semantics" and "Decode"; not differentiable).
+        strict: turn every fallback to dense attention into an error (`nsa_compile.backend.NSAStrictError`) naming the
+            reason, instead of a warning: an attention site that stays dense (unsupported head dim or dtype, video
+            tokens not identifiable, module not reachable), a sequence without video tokens, a call that ran no
+            graph compiled by the backend (dynamo ran it eagerly), and, on CUDA, a site whose op would run the
+            plain-PyTorch reference instead of the Triton kernels (``attn_mask``, head dim, dtype). Vision-encoder
+            and bidirectional attention are never NSA sites and stay allowed. Default False.
     """
 
     block_size: int = 64
@@ -73,6 +89,8 @@ class NSAConfig:
     modalities: tuple[str, ...] = ("video",)
     video_token_id: int | None = None
     inner_backend: str = "eager"
+    decode: str = "dense"
+    strict: bool = False
     _preset: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -80,8 +98,9 @@ class NSAConfig:
         object.__setattr__(self, "modalities", tuple(self.modalities))
         for name in ("block_size", "block_stride", "selection_block_size", "top_n", "window_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise NSAConfigError(f"NSAConfig.{name} must be a positive int, got {value!r}")
+            low = 0 if name == "window_size" else 1  # window 0: no sliding-window branch
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise NSAConfigError(f"NSAConfig.{name} must be an int ≥ {low}, got {value!r}")
         if self.block_stride > self.block_size:
             raise NSAConfigError(
                 f"NSAConfig.block_stride ({self.block_stride}) must not exceed block_size ({self.block_size}): "
@@ -106,6 +125,10 @@ class NSAConfig:
             raise NSAConfigError(f"NSAConfig.video_token_id must be a non-negative int or None, got {self.video_token_id!r}")
         if self.inner_backend not in INNER_BACKENDS:
             raise NSAConfigError(f"NSAConfig.inner_backend must be one of {INNER_BACKENDS}, got {self.inner_backend!r}")
+        if self.decode not in DECODE_MODES:
+            raise NSAConfigError(f"NSAConfig.decode must be one of {DECODE_MODES}, got {self.decode!r}")
+        if not isinstance(self.strict, bool):
+            raise NSAConfigError(f"NSAConfig.strict must be True or False, got {self.strict!r}")
 
     # ------------------------------------------------------------------ construction
     @classmethod

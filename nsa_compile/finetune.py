@@ -36,6 +36,9 @@ from .config import BRANCHES, NSAConfig
 from .gates import GATE_ATTR, NSAGate, gate_forward
 
 GATES_FILE, CONFIG_FILE, FORMAT = "nsa_gates.safetensors", "nsa_config.json", "nsa-compile-gates"
+STATE_TENSORS, STATE_JSON, STATE_FORMAT = "trainer_state.safetensors", "trainer_state.json", "nsa-compile-trainer"
+# Config fields that do not change what the gates compute: a checkpoint saved with other values loads.
+_RUNTIME_FIELDS = ("inner_backend", "strict", "decode")  # do not change what gates learn
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".y4m")
 PROMPTS = ("Describe this video.", "What happens in this video?", "What objects appear in this video?",
            "Summarise the video in one sentence.")
@@ -172,6 +175,85 @@ def _write_json(path: str, obj) -> None:
     _replace_atomically(path, write)
 
 
+def _split_tensors(obj, tensors: dict[str, Tensor]):
+    """``obj`` (nested dicts, lists, tuples, tensors, JSON scalars) as JSON plus tensors, without pickle: each
+    tensor goes to ``tensors`` under a new key and is replaced by ``{"__tensor__": key}``; dicts become
+    ``{"__dict__": [[key, value], ...]}`` (keys keep their int / str type), tuples ``{"__tuple__": [...]}``."""
+    if isinstance(obj, Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = _full(obj).detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {"__dict__": [[_split_tensors(k, tensors), _split_tensors(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        items = [_split_tensors(v, tensors) for v in obj]
+        return {"__tuple__": items} if isinstance(obj, tuple) else items
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise FinetuneError(f"cannot write {type(obj).__name__} into a trainer checkpoint (tensors, dicts, lists and "
+                        "JSON values only)")
+
+
+def _join_tensors(obj, tensors: dict[str, Tensor]):
+    """Inverse of `_split_tensors`. Raises KeyError / TypeError on a malformed skeleton."""
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__tuple__" in obj:
+            return tuple(_join_tensors(v, tensors) for v in obj["__tuple__"])
+        return {_join_tensors(k, tensors): _join_tensors(v, tensors) for k, v in obj["__dict__"]}
+    return obj
+
+
+def save_trainer_state(directory: str, state: dict) -> None:
+    """Write ``state`` (optimizer state dict, trainer counters, …) as ``trainer_state.safetensors`` (its tensors)
+    and ``trainer_state.json`` (the rest), each under a temporary name and renamed, sharing a token: no pickle.
+
+    Raises:
+        FinetuneError: a value that is neither a tensor nor JSON-serialisable.
+    """
+    from safetensors.torch import save_file
+    tensors: dict[str, Tensor] = {}
+    skeleton = _split_tensors(state, tensors)
+    token = uuid.uuid4().hex
+    os.makedirs(directory, exist_ok=True)
+    _replace_atomically(os.path.join(directory, STATE_TENSORS), lambda t: save_file(tensors, t, {"token": token}))
+    _write_json(os.path.join(directory, STATE_JSON), {"format": STATE_FORMAT, "version": 1, "token": token,
+                                                      "state": skeleton})
+
+
+def load_trainer_state(directory: str) -> dict:
+    """Read `save_trainer_state` output (safetensors + JSON only, never pickle).
+
+    Raises:
+        FinetuneError: a file is missing, truncated or not ours, or the two files come from different saves.
+    """
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+    where = f"trainer checkpoint {directory}"
+    for name in (STATE_JSON, STATE_TENSORS):
+        if not os.path.isfile(os.path.join(directory, name)):
+            raise FinetuneError(f"no {where}: {name} is missing (a checkpoint of another program or an older "
+                                "version? resume into another output folder, or pass --no-resume)")
+    try:
+        with open(os.path.join(directory, STATE_JSON)) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise FinetuneError(f"{where}: {STATE_JSON} is not an nsa-compile trainer state")
+        with safe_open(os.path.join(directory, STATE_TENSORS), "pt") as f:
+            token = (f.metadata() or {}).get("token")
+        if token != meta.get("token"):
+            raise FinetuneError(f"{where}: {STATE_TENSORS} and {STATE_JSON} come from different saves")
+        return _join_tensors(meta["state"], load_file(os.path.join(directory, STATE_TENSORS)))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        if isinstance(e, FinetuneError):
+            raise
+        raise FinetuneError(f"unreadable {where} (truncated or not written by nsa-compile?): "
+                            f"{type(e).__name__}: {e}") from e
+
+
 def save_gates(model: nn.Module, directory: str, config: NSAConfig | None = None, write: bool = True) -> str:
     """Write the gates (``nsa_gates.safetensors``) and config, layer and head counts (``nsa_config.json``), each
     written then renamed. ``config`` defaults to the one `prepare_student` used. Under FSDP2 all ranks call it
@@ -212,16 +294,24 @@ def load_gates(model: nn.Module, directory: str, config: NSAConfig | None = None
     try:
         with open(os.path.join(directory, CONFIG_FILE)) as f:
             meta = json.load(f)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise FinetuneError(f"{where}: {CONFIG_FILE} is not an nsa-compile gate config (no \"format\": "
+                                f"\"{FORMAT}\"); is this the folder save_gates wrote?")
         with safe_open(os.path.join(directory, GATES_FILE), "pt") as f:
             token, tensors = (f.metadata() or {}).get("token"), {k: f.get_tensor(k) for k in f.keys()}
+        if missing := [k for k in ("config", "num_layers", "num_heads", "gates") if k not in meta]:
+            raise KeyError(f"{CONFIG_FILE} lacks {missing}")
         saved = NSAConfig.from_dict(meta["config"])
+    except FinetuneError:
+        raise
     except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
-        raise FinetuneError(f"unreadable {where}: {e}") from e
-    if meta.get("format") != FORMAT or token != meta.get("token"):
+        raise FinetuneError(f"unreadable {where} (truncated, or not written by save_gates?): "
+                            f"{type(e).__name__}: {e}") from e
+    if token != meta.get("token"):
         raise FinetuneError(f"{where}: {GATES_FILE} and {CONFIG_FILE} come from different saves")
     if config is not None:
         a, b = saved.to_dict(), config.to_dict()
-        if diff := [k for k in a if k != "inner_backend" and a[k] != b[k]]:
+        if diff := [k for k in a if k not in _RUNTIME_FIELDS and a.get(k) != b.get(k)]:
             raise FinetuneError(f"{where} was saved with another config: " +
                                 ", ".join(f"{k}={a[k]!r} (yours {b[k]!r})" for k in diff))
     for what, mine, theirs in zip(("layers", "heads"), _model_shape(model), (meta["num_layers"], meta["num_heads"])):
@@ -569,8 +659,8 @@ class GateTrainer:
         try:
             save_gates(self.model, tmp, self.config, write=self.rank == 0)
             if self.rank == 0:
-                torch.save({"step": self.step, "optimizer": optim, "extra": extra, "config": self.config.to_dict(),
-                            "result": dataclasses.asdict(self.result)}, os.path.join(tmp, "trainer_state.pt"))
+                save_trainer_state(tmp, {"step": self.step, "optimizer": optim, "extra": extra,
+                                         "config": self.config.to_dict(), "result": dataclasses.asdict(self.result)})
                 if os.path.isdir(final):
                     os.replace(final, final + ".old")
                 os.replace(tmp, final)
@@ -585,10 +675,16 @@ class GateTrainer:
         path = next((p for p in (final, final + ".old") if os.path.isdir(p)), None)  # .old: crashed mid-swap
         if path is None:
             return
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-        if state["config"] != self.config.to_dict():
+        state = load_trainer_state(path)
+        mine = self.config.to_dict()
+        if {k: v for k, v in state["config"].items() if k not in _RUNTIME_FIELDS} != \
+                {k: v for k, v in mine.items() if k not in _RUNTIME_FIELDS}:
             raise FinetuneError(f"{path} was written with another config: use another output folder, or no resume")
-        full = {**load_file(os.path.join(path, GATES_FILE)), **state["extra"]}
+        try:
+            gates = load_file(os.path.join(path, GATES_FILE))
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise FinetuneError(f"unreadable gate file in {path} (truncated?): {type(e).__name__}: {e}") from e
+        full = {**gates, **state["extra"]}
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 if (t := full.get(_canonical(name))) is not None:
@@ -677,7 +773,10 @@ def add_finetune_commands(subparsers) -> None:
     a("--steps", type=int, default=200, help="optimizer steps (default 200; 0: measure the gap only)")
     a("--out", metavar="DIR", default="nsa-finetune", help="output folder; resumes its checkpoint (default "
       "./nsa-finetune)")
-    a("--model", metavar="DIR", help="local Hugging Face checkpoint (default: the tiny random Qwen2.5-VL)")
+    a("--model", metavar="DIR", help="local Hugging Face checkpoint (default: the tiny random Qwen2.5-VL); only its "
+      "safetensors weights are read")
+    a("--trust-remote-code", action="store_true", help="let --model run Python code shipped in its folder "
+      "(auto_map); off by default")
     a("--layers", type=int, default=4, help="layers of the tiny model (default 4)")
     a("--preset", default="videonsa")
     a("--top-n", type=int, default=2, help="selected blocks per query (default 2)")
@@ -709,11 +808,11 @@ def add_finetune_commands(subparsers) -> None:
 def _error_line(exc: BaseException | None) -> int | None:
     """Print the input error in ``exc``'s cause chain as one line and return 2; None if there is none."""
     from .config import NSAConfigError
-    from .models import VideoDecodeError
+    from .models import ModelLoadError, VideoDecodeError
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (FinetuneError, NSAConfigError, VideoDecodeError, FileNotFoundError)):
+        if isinstance(exc, (FinetuneError, NSAConfigError, VideoDecodeError, ModelLoadError, FileNotFoundError)):
             print(f"nsa-compile: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 2
         exc = exc.__cause__ or exc.__context__
@@ -744,7 +843,8 @@ def _finetune(args) -> dict:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device != "cpu" else "gloo")
     if args.model:
-        model, proc = load_pretrained(args.model, dtype=dtype, device=device)
+        model, proc = load_pretrained(args.model, dtype=dtype, device=device,
+                                      trust_remote_code=getattr(args, "trust_remote_code", False))
     else:
         model, proc = tiny_qwen2_5_vl(num_layers=args.layers)
         model = model.to(device)

@@ -62,6 +62,11 @@ class VideoDecodeError(ValueError):
     """A video file is missing, cannot be decoded, or yields no frames."""
 
 
+class ModelLoadError(ValueError):
+    """A local checkpoint cannot be loaded safely: it needs its own Python code (``trust_remote_code``) or has no
+    safetensors weights; the message says which and what to do."""
+
+
 @dataclass
 class VideoChatProcessor:
     """Tokenizer plus Qwen2-VL video pixel settings (a torchvision-free processor).
@@ -89,11 +94,12 @@ class VideoChatProcessor:
         return self.tokenizer.batch_decode(ids, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "VideoChatProcessor":
-        """Tokenizer and pixel settings of a local checkpoint folder."""
+    def from_pretrained(cls, path: str, trust_remote_code: bool = False) -> "VideoChatProcessor":
+        """Tokenizer and pixel settings of a local checkpoint folder (its own tokenizer code runs only with
+        ``trust_remote_code``)."""
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         cfg: dict = {}
         for name in ("preprocessor_config.json", "video_preprocessor_config.json"):
             if os.path.isfile(os.path.join(path, name)):
@@ -368,15 +374,22 @@ def sample_video_path() -> str:
     return path
 
 
-def load_pretrained(path: str, dtype=torch.bfloat16, device="cpu"):
+def load_pretrained(path: str, dtype=torch.bfloat16, device="cpu", trust_remote_code: bool = False):
     """Load a local Qwen2.5-VL checkpoint folder (no network).
+
+    Only safetensors weights are read (never pickle: ``use_safetensors=True``), and Python code shipped in the
+    folder (``auto_map`` in its configs) runs only with ``trust_remote_code=True`` (the CLI's
+    ``--trust-remote-code``); without it such a folder is refused with a `ModelLoadError`, without a prompt.
 
     Returns ``(model, processor)``: the model in eval mode with ``dtype`` on
     ``device``; the transformers ``AutoProcessor`` when it can be built, else
     (e.g. without torchvision) a :class:`VideoChatProcessor` from the folder's
     tokenizer and preprocessor config. Both work with :func:`build_video_inputs`.
 
-    Raises FileNotFoundError if ``path`` is not a folder with a ``config.json``.
+    Raises:
+        FileNotFoundError: ``path`` is not a folder with a ``config.json``.
+        ModelLoadError: the checkpoint needs its own code and ``trust_remote_code`` is off, or it has no
+            safetensors weights (e.g. only ``pytorch_model.bin``).
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -384,12 +397,24 @@ def load_pretrained(path: str, dtype=torch.bfloat16, device="cpu"):
         raise FileNotFoundError(f"checkpoint folder not found: {path}")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no config.json in checkpoint folder {path}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+    if not any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in os.listdir(path)):
+        raise ModelLoadError(f"no safetensors weights in {path}: only safetensors are read (pickled .bin / .pt "
+                             "weights can run code when loaded); convert the checkpoint with "
+                             "model.save_pretrained(dir, safe_serialization=True)")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                            use_safetensors=True, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise ModelLoadError(f"{path} contains custom Python code (auto_map in its config) that loading it would "
+                                 "run; nsa-compile does not run it unless you pass --trust-remote-code "
+                                 "(load_pretrained(..., trust_remote_code=True)) after reading that code") from e
+        raise
     model = model.to(device).eval()
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         _pixel_settings(processor)
     except (ImportError, OSError, ValueError, TypeError, AttributeError, KeyError):
         # e.g. torchvision missing (Qwen2VLVideoProcessor needs it) or no processor config
-        processor = VideoChatProcessor.from_pretrained(path)
+        processor = VideoChatProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, processor

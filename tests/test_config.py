@@ -19,7 +19,8 @@ def test_dict_round_trip_and_options():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"block_size": 0}, "block_size must be a positive int"),
+    ({"block_size": 0}, "block_size must be an int ≥ 1"),
+    ({"window_size": -1}, "window_size must be an int ≥ 0"),
     ({"block_size": 16, "block_stride": 32}, "must not exceed block_size"),
     ({"gate": "softmax"}, "gate must be one of"),
     ({"gate_init": (0.5, 2.0, 0.5)}, "gate_init"),

@@ -12,7 +12,11 @@ initialisers, the gate parameters among them), sizes from the inputs' shapes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
+import os
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 
@@ -28,6 +32,30 @@ VIDEO_MASK_INPUT = "nsa_video_mask"
 
 class ExportError(RuntimeError):
     """Export cannot proceed; the message names the cause and the way out."""
+
+
+def write_atomically(path: str | os.PathLike, write) -> str:
+    """Write ``path`` by ``write(tmp)`` into a fresh hidden folder beside it, then rename what ``write`` produced into
+    place, the file ``path`` names last: ``path`` is never half-written, and a failing ``write`` (or check inside
+    it) leaves any previous file whole and no temporary file behind. Files ``write`` puts beside ``tmp`` (ONNX
+    external data, ``<name>.data``) keep their names, so the references inside the main file stay valid.
+
+    Returns:
+        the absolute path written.
+    Raises:
+        whatever ``write`` raises (nothing is renamed then); OSError from the file system.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=folder)
+    try:
+        write(os.path.join(tmp_dir, name))
+        for f in sorted(os.listdir(tmp_dir), key=lambda f: f == name):  # the main file last
+            os.replace(os.path.join(tmp_dir, f), os.path.join(folder, f))
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return path
 
 
 class LanguageModelForExport(nn.Module):
@@ -290,6 +318,8 @@ def capture(model: nn.Module, example_inputs, config: NSAConfig | None = None, v
         ExportError: no attention was rewritten, a graph break, an axis that cannot be dynamic, bad inputs.
     """
     config = config or NSAConfig.preset("videonsa")
+    # an exported graph is a prefill, where sparse and dense decode are the same op: export the one ONNX knows
+    config = dataclasses.replace(config, decode="dense")
     names, values, as_kwargs = _normalise_inputs(model, example_inputs)
     if any(n in ("past_key_values", "cache_position") for n in names):
         raise ExportError("export covers prefill without a KV cache: drop past_key_values / cache_position from "

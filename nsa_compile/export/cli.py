@@ -38,7 +38,9 @@ def add_export_command(subparsers) -> argparse.ArgumentParser:
                         "TensorRT's parser) or auto")
     p.add_argument("--out", required=True, metavar="PATH", help="file to write (.onnx or .engine)")
     p.add_argument("--model", metavar="DIR", help="local Hugging Face Qwen2.5-VL checkpoint folder (default: the tiny "
-                   "random-weight Qwen2.5-VL)")
+                   "random-weight Qwen2.5-VL); only its safetensors weights are read")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="let --model run Python code shipped in its folder (auto_map); off by default")
     p.add_argument("--preset", default="videonsa", help=f"NSA preset, one of {sorted(PRESETS)} (default videonsa)")
     p.add_argument("--top-n", type=int, help="override the preset's top_n")
     p.add_argument("--opset", type=int, default=MIN_OPSET, help=f"ONNX opset, {MIN_OPSET}–{MAX_OPSET} "
@@ -63,7 +65,8 @@ def _example(args):
     if args.frames < 1:
         raise _BadInput(f"--frames must be positive, got {args.frames}")
     if args.model:
-        model, proc = load_pretrained(args.model, dtype=torch.float32, device="cpu")
+        model, proc = load_pretrained(args.model, dtype=torch.float32, device="cpu",
+                                      trust_remote_code=getattr(args, "trust_remote_code", False))
         name = args.model
     else:
         if args.layers < 1:
@@ -96,6 +99,7 @@ def run_export(args) -> int:
     """Run ``nsa-compile export`` from parsed arguments; returns 0 (written) or 2 (bad input, one-line error)."""
     from ..config import NSAConfig, NSAConfigError
     from ..kernels import NSAInputError
+    from ..models import ModelLoadError
     from .capture import ExportError
     from .onnx_export import to_onnx
     from .tensorrt import to_tensorrt
@@ -128,7 +132,7 @@ def run_export(args) -> int:
                 res["max_rel_error"] = _verify(result, example, mask)
         else:
             res.update(route=result.route, reason=result.reason)
-    except (_BadInput, ExportError, NSAConfigError, NSAInputError, FileNotFoundError, OSError) as e:
+    except (_BadInput, ExportError, NSAConfigError, NSAInputError, ModelLoadError, FileNotFoundError, OSError) as e:
         print(f"nsa-compile: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     if args.json:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import NSAConfig
 from ..report import CompileReport
-from .capture import Captured, ExportError, capture
+from .capture import Captured, ExportError, capture, write_atomically
 from .limits import MAX_OPSET, MIN_OPSET, MODES
 from .onnx_ops import translate_decomposed, translate_plugin
 
@@ -61,7 +61,9 @@ def _check_mode(mode) -> str:
 
 def export_captured(cap: Captured, path: str | os.PathLike, mode: str = "decomposed", opset: int = MIN_OPSET,
                     check: bool = True) -> None:
-    """``torch.onnx.export`` of a `capture` result with the NSA translation of ``mode``; writes ``path``."""
+    """``torch.onnx.export`` of a `capture` result with the NSA translation of ``mode``; writes ``path`` (and
+    ``path.data`` for external weights) under a temporary name, checks it with ``onnx.checker`` when ``check``, and
+    renames it into place only then (a failed export or check leaves a previous file whole)."""
     translation = translate_decomposed if mode == "decomposed" else translate_plugin
     module = cap.module
     modes = {m: m.training for m in module.modules()}  # the user's model is a submodule: restore its mode after
@@ -83,14 +85,16 @@ def export_captured(cap: Captured, path: str | os.PathLike, mode: str = "decompo
     finally:
         for m, training in modes.items():
             m.training = training
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
-        program.save(path)
-    if check:
-        import onnx
-        onnx.checker.check_model(path, full_check=True)
+
+    def write(tmp: str) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
+            program.save(tmp)
+        if check:
+            import onnx
+            onnx.checker.check_model(tmp, full_check=True)
+
+    write_atomically(path, write)
 
 
 def _first_line(e: BaseException) -> str:

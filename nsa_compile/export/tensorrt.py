@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import NSAConfig
-from .capture import Captured, ExportError, capture
+from .capture import Captured, ExportError, capture, write_atomically
 
 PLUGIN_NAMESPACE = "nsa_compile"
 PLUGIN_NAME = "nsa_attention"
@@ -420,7 +420,10 @@ def to_tensorrt(model, example_inputs, path: str | os.PathLike, *, config: NSACo
         export_captured(cap, written_onnx, "decomposed")
         engine = _build_from_onnx(written_onnx, cap.input_names, shapes)
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(engine)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(engine)
+
+    write_atomically(path, write)  # a temporary name, renamed: never a half-written engine
     return TensorRTExport(path, chosen, reason, cap.input_names, shapes, written_onnx, cap)

@@ -10,12 +10,13 @@ says so and the reference elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import Tensor
 
-from .common import causal_attention, check_inputs, key_bias, video_layout
+from .common import NSAInputError, causal_attention, check_inputs, key_bias, video_layout
 from .compression import compression_reference
 from .selection import select_blocks, selection_reference
 from .sliding_window import sliding_window_reference
@@ -23,8 +24,10 @@ from .sliding_window import sliding_window_reference
 
 def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, attn_mask: Tensor | None = None,
                   scale: float | None = None, block_size: int = 64, block_stride: int = 64,
-                  selection_block_size: int = 64, top_n: int = 32, window_size: int = 256) -> Tensor:
-    """Gated NSA for video queries, dense causal attention for text queries.
+                  selection_block_size: int = 64, top_n: int = 32, window_size: int = 256,
+                  decode: str = "dense") -> Tensor:
+    """Gated NSA for video queries, dense causal attention for text queries (``decode="sparse"``: NSA for text
+    queries too when the call extends a KV cache, see below).
 
     Args:
         q: [B, Hq, Tq, D]; k: [B, Hkv, Tk, D]; v: [B, Hkv, Tk, Dv]; Hq a multiple of Hkv (any GQA group size);
@@ -37,12 +40,19 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
             float), e.g. padding. It restricts the dense, selection and sliding-window keys; the compression branch
             pools only video spans, which never hold padding.
         scale: softmax scale, default 1/sqrt(D). The remaining ints are `NSAConfig` fields, in tokens.
+        decode: `NSAConfig.decode`. ``"sparse"``: when Tq < Tk (the call extends a KV cache), a text query at
+            position p with a video key before it attends like a video query: compressed blocks ending at or
+            before p, the top-n video selection blocks ending at or before p (scored by its group-summed
+            compression probabilities, earlier block on ties) plus every text key up to p, and the window, mixed
+            by its gates. Pass a ``video_mask`` covering the cached keys (Tm = Tk) for the cached video to count.
     Returns:
         [B, Hq, Tq, Dv] in q's dtype. A branch with nothing to attend contributes zero.
     Raises:
-        NSAInputError: shapes, dtypes or head dim out of range (see `check_inputs`).
+        NSAInputError: shapes, dtypes or head dim out of range (see `check_inputs`), unknown ``decode``.
     """
     check_inputs(q, k, v, gates, video_mask)
+    if decode not in ("dense", "sparse"):
+        raise NSAInputError(f"decode must be 'dense' or 'sparse', got {decode!r}")
     B, Hq, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -53,6 +63,13 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
     layout = video_layout(video_mask.to(k.device), Tk, block_size, block_stride, selection_block_size)
     video_q = layout.is_video[:, Tk - Tq:]  # [B, Tq]
     bias = key_bias(attn_mask, B, Hkv, G, Tq, Tk, cd)
+    if decode == "sparse" and Tq < Tk:
+        # Text queries after video go NSA; a text query's "own block" starts after it, so its candidates are the
+        # blocks ending at or before it (sel_start of text keys is only read as the query's own start).
+        pos = torch.arange(Tk, device=k.device)
+        video_before = (layout.is_video.long().cumsum(-1) - layout.is_video.long()) > 0
+        video_q = video_q | video_before[:, Tk - Tq:]
+        layout = dataclasses.replace(layout, sel_start=torch.where(layout.is_video, layout.sel_start, pos + 1))
 
     out = causal_attention(q5, k, v, scale, Tk, None, bias, rows=~video_q)
     if bool(video_q.any()):
@@ -68,12 +85,12 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
 
 # ----------------------------------------------------------------------------------------------- the custom op
 def use_triton(q: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> bool:
-    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32, head dims a power of two from 16 to
-    256, without an ``attn_mask``; everything else (CPU, fp64, head dims such as 80 or 96, masks such as padding)
-    runs the reference."""
+    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32, head dims from 16 to 256 (those that
+    are not a power of two, e.g. 80 or 96, are zero-padded inside), without an ``attn_mask``; everything else (CPU,
+    fp64, head dims below 16, masks such as padding) runs the reference."""
     dims = (q.shape[-1],) + ((v.shape[-1],) if v is not None else ())
     if (not q.is_cuda or attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-            or any(d < 16 or d > 256 or d & (d - 1) for d in dims)):
+            or any(d < 16 or d > 256 for d in dims)):
         return False
     try:
         import triton  # noqa: F401
@@ -144,13 +161,49 @@ def _backward(ctx, grad_out):
 _nsa_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ``NSAConfig.decode == "sparse"``: the same inputs as nsa_attention (so the rewrite and the export see the same
+# schema), plus the kept compressed video state of `decode` (found by fingerprint, never trusted stale).
+@torch.library.custom_op("nsa_compile::nsa_attention_sparse_decode", mutates_args=())
+def _nsa_attention_sparse_decode(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
+                                 attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
+                                 selection_block_size: int, top_n: int, window_size: int) -> Tensor:
+    from .decode import sparse_decode_forward
+    return sparse_decode_forward(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
+                                 selection_block_size, top_n, window_size).contiguous()
+
+
+@_nsa_attention_sparse_decode.register_fake
+def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, selection_block_size, top_n,
+      window_size):
+    return q.new_empty(q.shape[:3] + (v.shape[-1],))
+
+
+def _sparse_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs, output)
+    ctx.extends_cache = inputs[0].shape[2] < inputs[1].shape[2]
+
+
+def _sparse_backward(ctx, grad_out):
+    if ctx.extends_cache:
+        raise NSAInputError(
+            "nsa-compile: decode='sparse' has no backward for a call that extends a KV cache (its top-n and kept "
+            "compressed state are inference-only); train with decode='dense' (the default) or without a cache")
+    return _backward(ctx, grad_out)
+
+
+_nsa_attention_sparse_decode.register_autograd(_sparse_backward, setup_context=_sparse_setup_context)
+
+
 def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, config,
                   attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Call ``torch.ops.nsa_compile.nsa_attention`` with the block sizes of an `NSAConfig`.
+    """Call ``torch.ops.nsa_compile.nsa_attention`` (``nsa_attention_sparse_decode`` when ``config.decode`` is
+    ``"sparse"``) with the block sizes of an `NSAConfig`.
 
-    Shapes, dtypes and errors as in `nsa_reference`; differentiable in q, k, v and gates.
+    Shapes, dtypes and errors as in `nsa_reference`; differentiable in q, k, v and gates (sparse decode: not for
+    calls that extend a KV cache).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return torch.ops.nsa_compile.nsa_attention(
-        q, k, v, gates, video_mask, attn_mask, scale, config.block_size, config.block_stride,
-        config.selection_block_size, config.top_n, config.window_size)
+    op = (torch.ops.nsa_compile.nsa_attention_sparse_decode if getattr(config, "decode", "dense") == "sparse"
+          else torch.ops.nsa_compile.nsa_attention)
+    return op(q, k, v, gates, video_mask, attn_mask, scale, config.block_size, config.block_stride,
+              config.selection_block_size, config.top_n, config.window_size)

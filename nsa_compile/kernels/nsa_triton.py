@@ -73,7 +73,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
             .contiguous(), block_start=start.clamp(max=Tk).to(torch.int32).contiguous(),
             block_len=torch.where(start < Tk, end - start + 1, 0).to(torch.int32).contiguous(),
             text=_text_chunks(layout, block_n).contiguous(), block_n=block_n), k, v)
-        branches["window"] = (SegmentPlan(WINDOW, need_v, Tk, gate=2, window=window_size), k, v)
+        if window_size > 0:  # window 0: the branch's output is zero
+            branches["window"] = (SegmentPlan(WINDOW, need_v, Tk, gate=2, window=window_size), k, v)
     return layout, video_q, branches
 
 

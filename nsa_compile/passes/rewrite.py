@@ -88,7 +88,7 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
             gates = graph.call_function(gate_forward, (env[site.hidden], gate.kind, gate.heads, gate.temperature,
                                                        tuple(config.gate_init), *gate_inputs))
             attn_mask = env[site.attn_mask] if isinstance(site.attn_mask, fx.Node) else None
-            out = graph.call_function(torch.ops.nsa_compile.nsa_attention.default, (
+            out = graph.call_function(_nsa_op(config), (
                 env[site.q], env[site.k], env[site.v], gates, mask, attn_mask, scale, config.block_size,
                 config.block_stride, config.selection_block_size, config.top_n, config.window_size))
         out.meta.update(node.meta)
@@ -102,6 +102,15 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
     graph.output(out_val)
     graph.lint()
     return Rewrite(fx.GraphModule(gm, graph), needs_runtime_mask, record_mask, params, sites=len(sites))
+
+
+def _nsa_op(config: NSAConfig):
+    """``nsa_compile::nsa_attention``, or its twin with the same schema that keeps compressed video K/V for sparse
+    decode when ``config.decode == "sparse"`` (`kernels.decode`)."""
+    import nsa_compile.kernels.nsa  # noqa: F401 - registers both ops
+    if config.decode == "sparse":
+        return torch.ops.nsa_compile.nsa_attention_sparse_decode.default
+    return torch.ops.nsa_compile.nsa_attention.default
 
 
 def _erase_dead(graph: fx.Graph, node: fx.Node) -> None:

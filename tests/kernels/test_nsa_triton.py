@@ -22,6 +22,16 @@ CASES = {
 }
 
 
+def block_structured(k, block=64, strength=1.0, seed=0):
+    """Keys with a random component shared by each block of ``block`` positions: block scores then differ clearly
+    (as in real video, unlike i.i.d. noise, where every block mean is ~0 and near-tied block scores make the top-n
+    of a half-precision kernel and an fp32 reference differ on many rows)."""
+    g = torch.Generator(device=k.device).manual_seed(seed)
+    B, H, T, D = k.shape
+    shared = torch.randn(B, H, -(-T // block), D, generator=g, device=k.device, dtype=torch.float32)
+    return (k.float() + strength * shared.repeat_interleave(block, 2)[:, :, :T]).to(k.dtype)
+
+
 def run_both(case, dtype, seed=0):
     B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
     q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=dtype, seed=seed)
@@ -75,7 +85,8 @@ def test_triton_gpu_against_reference(dtype, case):
     Hq, Hkv, D, T, ranges = GPU_CASES[case]
     cfg = NSAConfig.preset("videonsa")
     B = len(ranges)
-    q, k, v, gates = (x.to(dtype) for x in make(B, Hq, Hkv, T, T, D=D, dtype=torch.float32, seed=11))
+    q, k, v, gates = make(B, Hq, Hkv, T, T, D=D, dtype=torch.float32, seed=11)
+    q, k, v, gates = (x.to(dtype) for x in (q, block_structured(k), v, gates))
     vm = spans(B, T, ranges)
     dev = [x.cuda().requires_grad_() for x in (q, k, v, gates)]
     out = nsa_attention(*dev, vm.cuda(), cfg)  # the op picks Triton on CUDA
@@ -85,17 +96,19 @@ def test_triton_gpu_against_reference(dtype, case):
     ref = nsa_reference(*ref_in, vm.cuda(), None, None, cfg.block_size, cfg.block_stride, cfg.selection_block_size,
                         cfg.top_n, cfg.window_size)
     ref.backward(go.float())
-    assert rel(out.float(), ref.detach()) <= 1e-2
+    errs = {"out": rel(out.float(), ref.detach())}
     for name, a, b in zip("kv", dev[1:3], ref_in[1:3]):
-        assert rel(a.grad.float(), b.grad) <= 1e-2, name
+        errs[name] = rel(a.grad.float(), b.grad)
     # dq and the gate gradients (Σ dO·o_branch) are per row: where near-tied block scores flip a selection between
     # the half-precision kernels and the fp32 reference, that row differs. Compare the rows whose selections
     # agree, and require such flips to be rare.
     same = same_selection(q, k, v, gates, vm, cfg).cuda()  # [B, Hkv, T]
-    assert same.float().mean() > 0.95
     rows = same.repeat_interleave(Hq // Hkv, 1)  # [B, Hq, T]
     for name, i in (("q", 0), ("gates", 3)):
-        assert rel(dev[i].grad.float()[rows], ref_in[i].grad[rows]) <= 1e-2, name
+        errs[name] = rel(dev[i].grad.float()[rows], ref_in[i].grad[rows])
+    errs["same selection"] = same.float().mean().item()
+    print(case, dtype, errs)
+    assert errs["same selection"] > 0.95 and all(e <= 1e-2 for n, e in errs.items() if n != "same selection"), errs
 
 
 @pytest.mark.gpu
@@ -105,26 +118,40 @@ def test_triton_gpu_long_against_chunked_reference(T):
     reference on query chunks spread over the sequence (the reference of a chunk needs only the keys up to its
     end)."""
     from nsa_compile import NSAConfig
-    from nsa_compile.kernels import nsa_attention
+    from nsa_compile.kernels.common import video_layout
+    from nsa_compile.kernels.compression import compression_reference
+    from nsa_compile.kernels.selection import select_block_ids
 
     cfg = NSAConfig.preset("videonsa")
     C = 512
     g = torch.Generator(device="cuda").manual_seed(5)
     q = torch.randn(1, 28, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = block_structured(torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16, generator=g), seed=6)
     v = torch.randn(1, 4, T, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     gates = torch.rand(1, 28, T, 3, device="cuda", dtype=torch.bfloat16, generator=g)
     vm = torch.ones(1, T, dtype=torch.bool, device="cuda")
     vm[:, :200] = False  # a text prompt before the video
+    params = (cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
+    keep = {}
     with torch.no_grad():
-        out = nsa_attention(q, k, v, gates, vm, cfg)
+        out = nsa_triton_forward(q, k, v, gates, vm, 128 ** -0.5, *params, _keep=keep)
         assert not torch.isnan(out).any()
+        ours = keep["branches"]["selection"][0].selected.long()  # [1, 4, T, n]
+        layout = video_layout(vm, T, cfg.block_size, cfg.block_stride, cfg.selection_block_size)
         for c1 in (C, 8 * C, T // 2 + 77, T - 3 * C, T):
             c0 = c1 - C
             ref = nsa_reference(q[:, :, c0:c1].float(), k[:, :, :c1].float(), v[:, :, :c1].float(),
-                                gates[:, :, c0:c1].float(), vm[:, :c1], None, None, cfg.block_size,
-                                cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
-            assert rel(out[:, :, c0:c1].float(), ref) <= 1e-2, (c0, c1)
+                                gates[:, :, c0:c1].float(), vm[:, :c1], None, None, *params)
+            # rows where the bf16 kernels and the fp32 reference pick the same blocks (near ties may flip)
+            pos = torch.arange(c0, c1, device="cuda")
+            _, p_cmp = compression_reference(q[:, :, c0:c1].float().reshape(1, 4, 7, C, 128), k.float(), v.float(),
+                                             layout, 128 ** -0.5, positions=pos)
+            ref_ids = select_block_ids(p_cmp, layout, pos, cfg.top_n)
+            same = (ours[:, :, c0:c1].sort(-1).values == ref_ids.sort(-1).values).all(-1)  # [1, 4, C]
+            same |= ~vm[:, None, c0:c1]  # text rows attend densely: no selection to compare
+            rows = same.repeat_interleave(7, 1)
+            err = rel(out[:, :, c0:c1].float()[rows], ref[rows])
+            assert same.float().mean() > 0.95 and err <= 1e-2, (c0, c1, same.float().mean().item(), err)
 
 
 def same_selection(q, k, v, gates, vm, cfg):

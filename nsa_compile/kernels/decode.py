@@ -1,0 +1,801 @@
+"""Sparse decode (``NSAConfig.decode = "sparse"``): a text query in a call that extends a KV cache (a decode step, a
+text continuation after a cached video) attends the cached video through the NSA branches (NSA arXiv 2502.11089
+§3.3: compression, top-n selection, sliding window; VideoNSA arXiv 2510.02295 §3 for mean-pooled compression and the
+text/video split) instead of reading the whole cache. Semantics: `nsa.nsa_reference` with ``decode="sparse"`` (the
+oracle) and README "Attention semantics".
+
+**Kept compressed K/V (the state).** A decode step must not read the whole cache, so the compressed video keys and
+values of each layer are computed once, when the video blocks complete (in practice at the prefill that holds the
+video), and kept in a `DecodeState` together with the sequence's video mask, the block tables the kernels need and
+a *fingerprint* of the keys/values it was built from (compressed keys in fp32: their logits rank the blocks, and
+bf16-rounded means would swap near-tied blocks against the reference). States live in one process-wide store (`STATES`), keyed by
+device, dtypes, shapes and block sizes. The op has no layer argument (its schema is the one of
+``nsa_compile::nsa_attention``), so a call finds its state **by content**: the cache of a layer starts with exactly the
+keys/values the state was built from, so the state whose fingerprint (a bit-exact copy of K and V at ``PROBES``
+evenly spaced positions of its ``anchor`` keys, last one included) equals the same positions of the call's K/V is
+that layer's (layer 0's keys depend on their own token only, so two caches equal at every probe but different
+elsewhere would match there; a prefill of such a cache through the op replaces the state, as identical
+fingerprints are deduplicated). Never stale:
+
+* a state is used only if its fingerprint matches bit for bit (one small gather + compare and a single host sync
+  per call), its key (device, dtypes, batch, heads, head dims, block sizes) matches and it covers no more keys
+  than the call has; for layers after the first, the key at the last anchored position depends on every earlier
+  token through attention, so any change of the cached prefix changes it;
+* where the call's video mask overlaps the state's keys, the two masks must agree, else the state is rebuilt from
+  the call's keys (``stale``);
+* a call bringing video at keys the state has not seen (new blocks) rebuilds the state from its keys over the whole
+  sequence mask (one read of the cache, once), replacing the old one;
+* several matching states with one mask: rebuilt from the keys; with different masks: nothing is trusted, the
+  cached keys count as text (dense) and a warning says so; no matching state at all: the same, with a warning when
+  states of that kind exist (e.g. the prefill ran outside the op, or the state was evicted).
+
+Cached tokens the state never saw (earlier decode steps) are text. The store is bounded (``STATES.max_bytes``,
+LRU; evictions warn) and emptied by `clear_decode_states` (``nsa_compile.kernels.decode.clear_decode_states``).
+
+**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, no ``attn_mask``): three Triton kernels, no
+host sync, CUDA-graph capturable (`sparse_decode_triton`):
+
+1. ``_dec_cmp_kernel`` — grid (B·Hkv·Tq, S1): each program takes the G query heads of one GQA group at one query
+   position (rows padded to ≥ 16 for ``tl.dot``) and a slice of the compressed blocks: logits (kept in a scratch
+   buffer for scoring) and an online-softmax partial of the compression branch (split-K).
+2. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): every program merges the S1 partial log-sum-exps, scores *all*
+   selection blocks (group-summed compression probabilities of the compressed blocks overlapping each, NSA
+   eq. 9-10), and finds the top-n in registers by a 4-pass radix select on the fp32 score bits (8-bit digits,
+   ``tl.histogram``) at the reference's resolution, ties going to the earlier block exactly as
+   `selection.select_block_ids`; then program j
+   attends its share of the work: the chosen blocks of rank j, j+S2, …, the text keys (tables of ≤ BLOCK_N-token
+   chunks up to the anchor, then the tail of decoded tokens) and the window chunks, as online-softmax partials of
+   the selection and window branches.
+3. ``_dec_combine_kernel`` — grid (B·Hkv·Tq, G): merges the partials of the three branches and applies the gates;
+   a text query with no video before it gets the selection branch alone, which is then exact dense attention.
+
+Elsewhere (CPU, ``attn_mask``, odd head dims) the op runs `nsa_reference(..., decode="sparse")` with the sequence
+mask the state provides. Sparse decode has no backward: differentiating through a call that extends a KV cache
+with ``decode="sparse"`` raises `NSAInputError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .common import NSAInputError, check_inputs, video_layout
+
+try:  # the reference's tie rule: scores equal in their top 31 − key_id_bits(Ns) bits tie (earlier block wins)
+    from .selection import key_id_bits
+except ImportError:  # pragma: no cover - a reference ranking by the full fp32 score
+    def key_id_bits(num_blocks: int) -> int:
+        return 0
+
+try:  # Triton is optional: without it every call runs the reference
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - triton ships with CUDA torch and is installed for the tests
+    HAS_TRITON = False
+
+INT32_MAX = 2**31 - 1
+# Positions of the fingerprint (evenly spaced over a state's anchored keys, first and last included).
+PROBES = 64
+# Tests set this to run the Triton decode path on CPU tensors under TRITON_INTERPRET=1.
+INTERPRET_ON_CPU = False
+# Bytes of logits scratch one launch may use; longer text continuations are processed in query chunks.
+_SCRATCH_BYTES = 64 << 20
+
+
+# ------------------------------------------------------------------------------------------------ the state
+@dataclass(eq=False)
+class DecodeState:
+    """Kept compressed K/V and block tables of one layer's cached sequence (all tensors on the cache's device).
+
+    ``anchor`` keys (positions 0 … anchor−1) were seen when it was built; ``NC``/``NS``/``NT`` are row maxima
+    (padding entries are never visible: ends ``INT32_MAX``, empty chunks).
+    """
+
+    key: tuple  # (device, k dtype, v dtype, B, Hkv, D, Dv, block_size, block_stride, selection_block_size)
+    anchor: int
+    video_mask: Tensor  # bool [B, anchor]
+    probe_pos: Tensor  # long [P]
+    probe_k: Tensor  # [B, Hkv, P, D] bit-exact copy of k at probe_pos
+    probe_v: Tensor  # [B, Hkv, P, Dv]
+    k_cmp: Tensor  # [B, Hkv, NC, D] mean-pooled compression blocks, fp32 (fp64 for fp64 keys)
+    v_cmp: Tensor  # [B, Hkv, NC, Dv], v's dtype
+    cmp_end: Tensor  # int32 [B, NC]: last key of each compressed block (inclusive)
+    sel_start: Tensor  # int32 [B, NS]: first key of each selection block
+    sel_end: Tensor  # int32 [B, NS]: last key (inclusive)
+    band_first: Tensor  # int32 [B, NS]: first compressed block overlapping each selection block
+    band_last: Tensor  # int32 [B, NS]: one past the last
+    band_width: int  # max(band_last − band_first)
+    txt_start: Tensor  # int32 [B, NT]: text keys before the anchor in chunks of ≤ block_n tokens
+    txt_end: Tensor  # int32 [B, NT] (exclusive)
+    n_txt: Tensor  # int32 [B]
+    first_video: Tensor  # int32 [B]: first video position (INT32_MAX: none)
+    block_n: int  # key tile of the attention kernel (power of two ≥ 16)
+    cmp_blocks: tuple[int, ...]  # compressed blocks per row
+    sel_blocks: tuple[int, ...]  # selection blocks per row
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (
+            self.video_mask, self.probe_pos, self.probe_k, self.probe_v, self.k_cmp, self.v_cmp, self.cmp_end,
+            self.sel_start, self.sel_end, self.band_first, self.band_last, self.txt_start, self.txt_end))
+
+
+def state_key(k: Tensor, v: Tensor, block_size: int, block_stride: int, selection_block_size: int) -> tuple:
+    """What a state must share with a call to be considered for it (the fingerprint decides among those)."""
+    B, Hkv, _, D = k.shape
+    return (k.device, k.dtype, v.dtype, B, Hkv, D, v.shape[-1], block_size, block_stride, selection_block_size)
+
+
+def _pow2(n: int, lo: int = 1) -> int:
+    p = lo
+    while p < n:
+        p *= 2
+    return p
+
+
+def _bits(t: Tensor) -> Tensor:
+    """``t`` reinterpreted as integers of its width: equality of bits (NaN equals itself, −0 ≠ +0)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+
+
+def _pool(x: Tensor, starts: Tensor, block: int, dtype: torch.dtype) -> Tensor:
+    """Mean of ``x`` [B, H, T, D] over the blocks of ``block`` keys starting at ``starts`` [B, N] (padding
+    entries ≥ T give the mean of the first keys, never visible); fp32 accumulation, returned in ``dtype``; in
+    chunks of blocks so the gathered copy stays small."""
+    B, H, T, D = x.shape
+    N = starts.shape[1]
+    out = x.new_empty(B, H, N, D, dtype=dtype)
+    chunk = max(1, (32 << 20) // max(1, B * H * block * D * 4))
+    ar = torch.arange(block, device=x.device)
+    for c0 in range(0, N, chunk):
+        c1 = min(N, c0 + chunk)
+        idx = starts[:, c0:c1, None] + ar
+        idx = torch.where(idx < T, idx, 0).reshape(B, 1, -1, 1).expand(B, H, -1, D)
+        g = x.gather(2, idx).reshape(B, H, c1 - c0, block, D)
+        out[:, :, c0:c1] = g.to(torch.promote_types(x.dtype, torch.float32)).mean(3).to(dtype)
+    return out
+
+
+def _i32(t: Tensor, valid: Tensor, pad: int) -> Tensor:
+    return torch.where(valid, t, pad).clamp(max=INT32_MAX).to(torch.int32).contiguous()
+
+
+def build_decode_state(k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
+                       selection_block_size: int) -> DecodeState:
+    """Compress and index the video of a cached sequence for sparse decode.
+
+    Args:
+        k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv] (the layer's whole cache, fp16 / bf16 / fp32 / fp64);
+        video_mask: bool [B, T] over *all* T positions (not only the last call's tokens);
+        block_size, block_stride, selection_block_size: `NSAConfig` fields (tokens).
+    Returns:
+        a `DecodeState` anchored at T. Costs one read of the video keys/values (the pooling) and a few host syncs.
+    Raises:
+        NSAInputError: a mask that does not cover the T positions.
+    """
+    B, Hkv, T, D = k.shape
+    if video_mask.shape != (B, T):
+        raise NSAInputError(f"build_decode_state needs the video mask of all {T} cached positions, [B, T] = "
+                            f"{(B, T)}; got {tuple(video_mask.shape)}")
+    dev = k.device
+    M = video_mask.to(dev).bool().contiguous()
+    lay = video_layout(M, T, block_size, block_stride, selection_block_size)
+    cmp_ok = lay.cmp_block_start < T
+    sel_ok = lay.sel_block_start < T
+    # Compressed keys in fp32 (at least): their logits decide the top-n, and bf16 rounding of the means would move
+    # scores by ~0.1 %, enough to swap blocks near the n-th against the reference. Values keep the cache's dtype.
+    k_cmp = _pool(k, lay.cmp_block_start, block_size, torch.promote_types(k.dtype, torch.float32))
+    v_cmp = _pool(v, lay.cmp_block_start, block_size, v.dtype)
+
+    # Compressed blocks overlapping each selection block: a contiguous band (blocks are in position order).
+    first = torch.searchsorted(lay.cmp_block_end.contiguous(), lay.sel_block_start.contiguous())
+    last = torch.searchsorted(lay.cmp_block_start.contiguous(), lay.sel_block_end.contiguous(), right=True)
+    last = torch.where(sel_ok, torch.minimum(last, cmp_ok.sum(-1, keepdim=True)), first)
+    band_width = max(1, int((last - first).max())) if last.numel() else 1
+
+    # Text keys before the anchor, in chunks of at most block_n tokens that never cross a video token.
+    block_n = min(128, _pow2(selection_block_size, 16))
+    text = ~M
+    pos = torch.arange(T, device=dev).expand(B, T)
+    prev = torch.nn.functional.pad(text, (1, 0))[:, :-1]
+    nxt = torch.nn.functional.pad(text, (0, 1))[:, 1:]
+    run_start = torch.where(text & ~prev, pos, 0).cummax(-1).values
+    run_end = torch.where(text & ~nxt, pos, T).flip(-1).cummin(-1).values.flip(-1)  # inclusive
+    chunk_first = text & ((pos - run_start) % block_n == 0)
+    n_txt = chunk_first.sum(-1)
+    NT = max(1, int(n_txt.max()))
+    rows, cols = chunk_first.nonzero(as_tuple=True)
+    idx = chunk_first.long().cumsum(-1)[rows, cols] - 1
+    txt_start = torch.zeros(B, NT, dtype=torch.long, device=dev)
+    txt_end = torch.zeros(B, NT, dtype=torch.long, device=dev)
+    txt_start[rows, idx] = cols
+    txt_end[rows, idx] = torch.minimum(cols + block_n, run_end[rows, cols] + 1)
+
+    has_video = M.any(-1)
+    first_video = torch.where(has_video, M.long().argmax(-1), INT32_MAX)
+    probe_pos = torch.linspace(0, T - 1, min(PROBES, T), device=dev).round().long().unique()
+    return DecodeState(
+        key=state_key(k, v, block_size, block_stride, selection_block_size), anchor=T, video_mask=M,
+        probe_pos=probe_pos, probe_k=k.index_select(2, probe_pos), probe_v=v.index_select(2, probe_pos),
+        k_cmp=k_cmp.contiguous(), v_cmp=v_cmp.contiguous(),
+        cmp_end=_i32(lay.cmp_block_end, cmp_ok, INT32_MAX),
+        sel_start=_i32(lay.sel_block_start, sel_ok, INT32_MAX), sel_end=_i32(lay.sel_block_end, sel_ok, INT32_MAX),
+        band_first=_i32(first, sel_ok, 0), band_last=_i32(last, sel_ok, 0), band_width=band_width,
+        txt_start=txt_start.to(torch.int32).contiguous(), txt_end=txt_end.to(torch.int32).contiguous(),
+        n_txt=n_txt.to(torch.int32).contiguous(), first_video=first_video.to(torch.int32).contiguous(),
+        block_n=block_n, cmp_blocks=tuple(cmp_ok.sum(-1).tolist()), sel_blocks=tuple(sel_ok.sum(-1).tolist()))
+
+
+class _Group:
+    """States of one key and one anchor: they share probe positions, so one gather serves all of them."""
+
+    def __init__(self, pos: Tensor):
+        self.pos = pos
+        self.states: list[DecodeState] = []
+        self._stacked: tuple[Tensor, Tensor] | None = None
+
+    def stacked(self) -> tuple[Tensor, Tensor]:
+        if self._stacked is None:
+            self._stacked = (torch.stack([_bits(s.probe_k) for s in self.states]),
+                             torch.stack([_bits(s.probe_v) for s in self.states]))
+        return self._stacked
+
+    def matches(self, k: Tensor, v: Tensor) -> Tensor:
+        """bool [len(states)]: which states' fingerprints equal ``k``/``v`` at the probe positions (on device)."""
+        return self.matches_probes(k.index_select(2, self.pos), v.index_select(2, self.pos))
+
+    def matches_probes(self, pk: Tensor, pv: Tensor) -> Tensor:
+        sk, sv = self.stacked()
+        return (sk == _bits(pk)).flatten(1).all(1) & (sv == _bits(pv)).flatten(1).all(1)
+
+
+class DecodeStates:
+    """The process-wide store of `DecodeState` s: found by fingerprint, LRU-bounded.
+
+    Attributes:
+        max_bytes: total size kept (default 2 GiB, or ``NSA_DECODE_STATE_MAX_BYTES``); older states are evicted
+            (with a warning: a later decode over an evicted state's cache treats its video as text).
+        stats: counters ``builds``, ``hits``, ``misses``, ``rebuilds``, ``ambiguous``, ``evictions``.
+    """
+
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = int(os.environ.get("NSA_DECODE_STATE_MAX_BYTES", 2 << 30)) if max_bytes is None else max_bytes
+        self._lock = threading.RLock()
+        self._lru: OrderedDict[int, DecodeState] = OrderedDict()
+        self._groups: dict[tuple, dict[int, _Group]] = {}
+        self.stats = dict.fromkeys(("builds", "hits", "misses", "rebuilds", "ambiguous", "evictions"), 0)
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.nbytes for s in self._lru.values())
+
+    def clear(self) -> None:
+        """Drop every state and zero the counters."""
+        with self._lock:
+            self._lru.clear()
+            self._groups.clear()
+            self.stats = dict.fromkeys(self.stats, 0)
+
+    def has_key(self, key: tuple) -> bool:
+        return bool(self._groups.get(key))
+
+    def _remove(self, state: DecodeState) -> None:
+        self._lru.pop(id(state), None)
+        groups = self._groups.get(state.key, {})
+        grp = groups.get(state.anchor)
+        if grp is not None and state in grp.states:
+            grp.states.remove(state)
+            grp._stacked = None
+            if not grp.states:
+                del groups[state.anchor]
+
+    def put(self, state: DecodeState, replace: tuple[DecodeState, ...] = ()) -> None:
+        """Keep ``state``, dropping ``replace`` and any state of the same key and anchor with the same fingerprint
+        (the same layer's prefill run again), then evict the least recently used beyond ``max_bytes``."""
+        with self._lock:
+            for old in replace:
+                self._remove(old)
+            groups = self._groups.setdefault(state.key, {})
+            grp = groups.get(state.anchor)
+            if grp is not None and grp.states:
+                same = grp.matches_probes(state.probe_k, state.probe_v).tolist()
+                for old, s in zip(list(grp.states), same):
+                    if s:
+                        self._remove(old)
+                grp = groups.get(state.anchor)
+            if grp is None:
+                grp = groups[state.anchor] = _Group(state.probe_pos)
+            grp.states.append(state)
+            grp._stacked = None
+            self._lru[id(state)] = state
+            self.stats["builds"] += 1
+            total = self.nbytes
+            while total > self.max_bytes and len(self._lru) > 1:
+                old = next(iter(self._lru.values()))
+                total -= old.nbytes
+                self._remove(old)
+                self.stats["evictions"] += 1
+                warnings.warn("nsa-compile sparse decode: evicted a kept video state (store over "
+                              f"{self.max_bytes / 2**30:.1f} GiB); a decode over that cache treats its video as text. "
+                              "Raise nsa_compile.kernels.decode.STATES.max_bytes or call clear_decode_states() "
+                              "between sequences.", stacklevel=3)
+
+    def lookup(self, k: Tensor, v: Tensor, key: tuple, extra: Tensor | None = None
+               ) -> tuple[list[DecodeState], int, list[int]]:
+        """States whose fingerprint matches ``k``/``v`` (anchors ≤ the call's keys), the number of states
+        considered, and the values of ``extra`` (an integer tensor on the same device), all in one host sync."""
+        with self._lock:
+            Tk = k.shape[2]
+            groups = [g for a, g in self._groups.get(key, {}).items() if a <= Tk and g.states]
+            checks = [g.matches(k, v) for g in groups]
+            owners = [s for g in groups for s in g.states]
+            n_extra = 0 if extra is None else extra.numel()
+            parts = [c.long() for c in checks] + ([extra.reshape(-1).long()] if extra is not None else [])
+            vals = torch.cat(parts).tolist() if parts else []
+            hits = [s for s, ok in zip(owners, vals[:len(owners)]) if ok]
+            for s in hits:
+                self._lru.move_to_end(id(s))
+            self.stats["hits" if hits else "misses"] += 1
+            return hits, len(owners), vals[len(owners):len(owners) + n_extra]
+
+
+STATES = DecodeStates()
+
+
+def clear_decode_states() -> None:
+    """Drop every kept compressed video state (frees their GPU memory); the next decode over an existing cache
+    then treats its video as text, so call it between sequences, not in the middle of one."""
+    STATES.clear()
+
+
+# ------------------------------------------------------------------------------------------------ the op body
+def use_decode_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> bool:
+    """The Triton decode kernels take CUDA tensors (or CPU ones under the interpreter when `INTERPRET_ON_CPU`) in
+    fp16 / bf16 / fp32 with one dtype, power-of-two head dims 16–256 and no ``attn_mask``."""
+    if not HAS_TRITON or attn_mask is not None:
+        return False
+    if not (q.is_cuda or (INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    return all(16 <= d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(kind: str, msg: str) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        warnings.warn(msg, stacklevel=4)
+
+
+def sparse_decode_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
+                          attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
+                          selection_block_size: int, top_n: int, window_size: int) -> Tensor:
+    """Body of ``nsa_compile::nsa_attention_sparse_decode``: `nsa_reference` semantics with ``decode="sparse"``.
+
+    A prefill call (Tq == Tk) runs ``nsa_compile::nsa_attention`` and, when it holds video, keeps the layer's
+    `DecodeState`. A call that extends a cache finds its state by fingerprint (module doc), builds the sequence
+    mask (the state's video mask, text for positions it never saw, the call's own mask for its tokens) and runs the
+    Triton decode kernels for its text queries (the reference where they do not apply).
+
+    Shapes, dtypes and errors as `nsa_reference`. Returns [B, Hq, Tq, Dv] in q's dtype.
+    """
+    check_inputs(q, k, v, gates, video_mask)
+    B, Hq, Tq, _ = q.shape
+    Tk, Tm = k.shape[2], video_mask.shape[1]
+    params = (scale, block_size, block_stride, selection_block_size, top_n, window_size)
+    vm = video_mask.to(k.device).bool()
+
+    def base(mask: Tensor) -> Tensor:
+        return torch.ops.nsa_compile.nsa_attention.default(q, k, v, gates, mask, attn_mask, *params)
+
+    if Tq == Tk:
+        out = base(vm)
+        if bool(vm.any()):
+            STATES.put(build_decode_state(k, v, vm, block_size, block_stride, selection_block_size))
+        return out
+
+    key = state_key(k, v, block_size, block_stride, selection_block_size)
+    last_video = torch.where(vm, torch.arange(Tm, device=vm.device), -1).amax().reshape(1)
+    hits, considered, (last_video,) = STATES.lookup(k, v, key, extra=last_video)
+    state = hits[0] if len(hits) == 1 else None
+    stale = False
+    if len(hits) > 1:
+        STATES.stats["ambiguous"] += 1
+        if all(torch.equal(h.video_mask, hits[0].video_mask) for h in hits[1:]) and \
+                len({h.anchor for h in hits}) == 1:
+            state, stale = hits[0], True  # one mask: rebuild the compressed K/V from the call's keys
+        else:
+            _warn_once("ambiguous", "nsa-compile sparse decode: several kept video states match this KV cache with "
+                       "different video masks; its video counts as text (dense attention) for this call. Call "
+                       "nsa_compile.kernels.decode.clear_decode_states() between unrelated sequences.")
+    lo = Tk - Tm  # first position of the call's own mask
+    # video among the keys the state has not seen (all the call's video when there is no state): new blocks
+    new_video = last_video >= 0 and (state is None or lo + last_video >= state.anchor)
+    if state is not None and lo < state.anchor and \
+            not torch.equal(state.video_mask[:, lo:], vm[:, :state.anchor - lo]):
+        stale = True  # the call says otherwise about keys the state covers: the call wins
+
+    def sequence_mask() -> Tensor:
+        """[B, Tk]: the state's video mask, text where nothing was recorded, the call's mask over its tokens."""
+        M = torch.zeros(B, Tk, dtype=torch.bool, device=k.device)
+        if state is not None:
+            M[:, :state.anchor] = state.video_mask
+        M[:, lo:] = vm
+        return M
+
+    M = None
+    if new_video or stale:
+        M = sequence_mask()
+        state = build_decode_state(k, v, M, block_size, block_stride, selection_block_size)
+        STATES.put(state, replace=tuple(hits))
+        STATES.stats["rebuilds"] += 1
+    if state is None:
+        if considered:
+            _warn_once("miss", "nsa-compile sparse decode: no kept video state matches this KV cache (its prefill "
+                       "did not run through the NSA op with decode='sparse', the cache was changed, or the state "
+                       "was evicted): its cached keys count as text, so text queries attend densely.")
+        return base(vm)
+
+    if use_decode_triton(q, k, v, attn_mask):
+        out = sparse_decode_triton(q, k, v, gates, state, scale, top_n, window_size)
+        if last_video >= Tm - Tq:  # video queries in this call: the prefill path over the whole sequence mask
+            M = sequence_mask() if M is None else M
+            out = torch.where(M[:, Tk - Tq:][:, None, :, None], base(M), out)
+        return out
+    from .nsa import nsa_reference
+    return nsa_reference(q, k, v, gates, sequence_mask() if M is None else M, attn_mask, scale, block_size,
+                         block_stride, selection_block_size, top_n, window_size, decode="sparse")
+
+
+def sparse_decode_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: DecodeState, scale: float,
+                            top_n: int, window_size: int) -> Tensor:
+    """What `sparse_decode_triton` computes, in plain PyTorch: `nsa_reference` with ``decode="sparse"`` over the
+    state's video mask (text after its anchor), for the Tq text queries at the end of ``k`` [B, Hkv, Tk, D]."""
+    from .nsa import nsa_reference
+    B, Tk = k.shape[0], k.shape[2]
+    M = torch.zeros(B, Tk, dtype=torch.bool, device=k.device)
+    M[:, :state.anchor] = state.video_mask
+    _, _, _, _, _, _, _, l, d, ls = state.key
+    return nsa_reference(q, k, v, gates, M, None, scale, l, d, ls, top_n, window_size, decode="sparse")
+
+
+# ------------------------------------------------------------------------------------------------ Triton kernels
+if HAS_TRITON:
+
+    @triton.jit
+    def _attend_chunk(q, kb, vb, skt, svt, keys, kok, m, l, acc, scale, d, dv, PRECISION: tl.constexpr):
+        """One online-softmax step of the G rows over the keys ``keys`` where ``kok``."""
+        kk = tl.load(kb + keys.to(tl.int64)[:, None] * skt + d[None, :], mask=kok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kk), input_precision=PRECISION) * scale
+        s = tl.where(kok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        vv = tl.load(vb + keys.to(tl.int64)[:, None] * svt + dv[None, :], mask=kok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(e.to(vv.dtype), vv, input_precision=PRECISION)
+        return m_new, l * alpha + tl.sum(e, 1), acc
+
+    @triton.jit
+    def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1,
+                        sqb, sqh, sqt, skb, skh, skc, svb, svh, svc,
+                        TQ, p0, NC, S1, tiles_per_split, scale,
+                        HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                        BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        sp = tl.program_id(1)
+        t = pid % TQ
+        bh = pid // TQ
+        b = bh // HKV
+        hkv = bh % HKV
+        p = p0 + t
+        g = tl.arange(0, GP)
+        gv = g < G
+        d = tl.arange(0, D)
+        dv = tl.arange(0, DV)
+        h = hkv * G + g
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :],
+                    mask=gv[:, None], other=0.0).to(tl.float32)
+        kb = KC + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+        vb = VC + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+        m = tl.full([GP], float("-inf"), tl.float32)
+        l = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, DV], tl.float32)
+        row = (pid * GP + g).to(tl.int64)
+        for it in range(0, tiles_per_split):
+            c = (sp * tiles_per_split + it) * BLOCK_C + tl.arange(0, BLOCK_C)
+            cok = c < NC
+            kc = tl.load(kb + c.to(tl.int64)[:, None] * skc + d[None, :], mask=cok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(kc), input_precision="ieee") * scale  # exact fp32 logits
+            end = tl.load(CEND + b.to(tl.int64) * NC + c, mask=cok, other=2147483647)
+            vis = cok & (end <= p)
+            s = tl.where(vis[None, :] & gv[:, None], s, float("-inf"))
+            tl.store(S + row[:, None] * NC + c[None, :], s, mask=cok[None, :] & gv[:, None])
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            e = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            vc = tl.load(vb + c.to(tl.int64)[:, None] * svc + dv[None, :], mask=cok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(e.to(vc.dtype), vc, input_precision=PRECISION)
+            l = l * alpha + tl.sum(e, 1)
+            m = m_new
+        o = (pid * S1 + sp).to(tl.int64) * GP + g
+        tl.store(M1 + o, m)
+        tl.store(L1 + o, l)
+        tl.store(O1 + o[:, None] * DV + dv[None, :], acc)
+
+    @triton.jit
+    def _dec_attn_kernel(Q, K, V, S, M1, L1, SSTART, SEND, BFIRST, BLAST, TSTART, TEND, NTXT, M2, L2, O2,
+                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                         TQ, p0, NC, NS, NT, S1, S2, anchor, top_n, n_sel_max, window, scale, idb,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         S1P: tl.constexpr, NS_PAD: tl.constexpr, W_BAND: tl.constexpr, BLOCK_N: tl.constexpr,
+                         NCH: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        j = tl.program_id(1)
+        t = pid % TQ
+        bh = pid // TQ
+        b = bh // HKV
+        hkv = bh % HKV
+        p = p0 + t
+        g = tl.arange(0, GP)
+        gv = g < G
+        d = tl.arange(0, D)
+        dv = tl.arange(0, DV)
+        h = hkv * G + g
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :],
+                    mask=gv[:, None], other=0.0)
+
+        # 1. log-sum-exp of each row's compression softmax, from the S1 partials of _dec_cmp_kernel.
+        sp = tl.arange(0, S1P)
+        o1 = (pid * S1 + sp[None, :]).to(tl.int64) * GP + g[:, None]
+        ms = tl.load(M1 + o1, mask=sp[None, :] < S1, other=float("-inf"))
+        ls = tl.load(L1 + o1, mask=sp[None, :] < S1, other=0.0)
+        mx = tl.max(ms, 1)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
+        lse = tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf"))
+
+        # 2. score of every selection block: Σ over the group's heads and the overlapping compressed blocks.
+        sb = tl.arange(0, NS_PAD)
+        sok = sb < NS
+        rowb = b.to(tl.int64) * NS
+        first = tl.load(BFIRST + rowb + sb, mask=sok, other=0)
+        last = tl.load(BLAST + rowb + sb, mask=sok, other=0)
+        score = tl.zeros([NS_PAD], tl.float32)
+        for gg in range(0, G):
+            lse_g = tl.sum(tl.where(g == gg, lse, 0.0), 0)
+            srow = S + (pid * GP + gg).to(tl.int64) * NC
+            for i in range(0, W_BAND):
+                c = first + i
+                ok = sok & (c < last)
+                sv = tl.load(srow + c, mask=ok, other=float("-inf"))
+                score += tl.exp(sv - lse_g)
+
+        # 3. top-n of the candidates (blocks ending at or before p): radix select of the n-th largest score bits
+        #    (non-negative fp32 bits order like the floats), then ties at that value go to the earliest blocks.
+        send = tl.load(SEND + rowb + sb, mask=sok, other=2147483647)
+        cand = sok & (send <= p)
+        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
+        bits = tl.where(cand, (bits >> idb) << idb, -1)  # the reference's resolution (selection.key_id_bits)
+        ncand = tl.sum(cand.to(tl.int32), 0)
+        need = top_n + 0 * ncand
+        prefix = ncand.to(tl.int64) * 0
+        hmask = ncand.to(tl.int64) * 0
+        dd = tl.arange(0, 512)
+        for ps in tl.static_range(4):
+            shift = 24 - 8 * ps
+            ingrp = cand & ((bits & hmask) == prefix)
+            digit = (bits >> shift) & 255
+            hist = tl.histogram(tl.where(ingrp, digit + 1, 0).to(tl.int32), 512)
+            cnt_ge = NS_PAD - tl.cumsum(hist, 0)  # in-group blocks whose digit ≥ dd (for dd < 256)
+            dstar = tl.max(tl.where((dd < 256) & (cnt_ge >= need), dd, -1), 0)
+            cnt_gt = tl.sum(tl.where(dd == dstar + 1, cnt_ge, 0), 0)
+            need = need - cnt_gt
+            prefix = prefix | (dstar.to(tl.int64) << shift)
+            hmask = hmask | (255 << shift)
+        gt = cand & (bits > prefix)
+        eq = cand & (bits == prefix)
+        eq_rank = tl.cumsum(eq.to(tl.int32), 0)
+        chosen = tl.where(ncand <= top_n, cand, gt | (eq & (eq_rank <= need)))
+        n_chosen = tl.minimum(ncand, top_n)
+        rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
+
+        kb = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
+        vb = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
+        nar = tl.arange(0, BLOCK_N)
+
+        # 4. selection branch, this program's share: chosen blocks of rank j, j+S2, …, then text chunks.
+        m_s = tl.full([GP], float("-inf"), tl.float32)
+        l_s = tl.zeros([GP], tl.float32)
+        a_s = tl.zeros([GP, DV], tl.float32)
+        for r in range(j, n_sel_max, S2):
+            valid = r < n_chosen
+            sid = tl.sum(tl.where(chosen & (rank == r), sb, 0), 0)
+            st = tl.load(SSTART + rowb + sid, mask=valid, other=0)
+            en = tl.load(SEND + rowb + sid, mask=valid, other=-1)
+            for c in tl.static_range(NCH):
+                keys = st + c * BLOCK_N + nar
+                kok = (keys <= en) & (keys <= p)  # en = −1 when r ≥ n_chosen
+                m_s, l_s, a_s = _attend_chunk(q, kb, vb, skt, svt, keys, kok, m_s, l_s, a_s, scale, d, dv,
+                                              PRECISION)
+        ntxt = tl.load(NTXT + b)
+        n_tail = tl.cdiv(tl.maximum(p + 1 - anchor, 0), BLOCK_N)
+        for it in range(j, ntxt + n_tail, S2):
+            in_tab = it < ntxt
+            ts = tl.load(TSTART + b.to(tl.int64) * NT + it, mask=in_tab, other=0)
+            te = tl.load(TEND + b.to(tl.int64) * NT + it, mask=in_tab, other=0)
+            tail = anchor + (it - ntxt) * BLOCK_N
+            ts = tl.where(in_tab, ts, tail)
+            te = tl.where(in_tab, te, tail + BLOCK_N)
+            keys = ts + nar
+            kok = (keys < te) & (keys <= p)
+            m_s, l_s, a_s = _attend_chunk(q, kb, vb, skt, svt, keys, kok, m_s, l_s, a_s, scale, d, dv, PRECISION)
+
+        # 5. sliding window, this program's chunks.
+        m_w = tl.full([GP], float("-inf"), tl.float32)
+        l_w = tl.zeros([GP], tl.float32)
+        a_w = tl.zeros([GP, DV], tl.float32)
+        lo = tl.maximum(p - window + 1, 0)
+        for it in range(j, tl.cdiv(p + 1 - lo, BLOCK_N), S2):
+            keys = lo + it * BLOCK_N + nar
+            m_w, l_w, a_w = _attend_chunk(q, kb, vb, skt, svt, keys, keys <= p, m_w, l_w, a_w, scale, d, dv,
+                                          PRECISION)
+
+        o = ((pid * S2 + j) * 2).to(tl.int64) * GP + g
+        tl.store(M2 + o, m_s)
+        tl.store(L2 + o, l_s)
+        tl.store(O2 + o[:, None] * DV + dv[None, :], a_s)
+        tl.store(M2 + o + GP, m_w)
+        tl.store(L2 + o + GP, l_w)
+        tl.store(O2 + (o + GP)[:, None] * DV + dv[None, :], a_w)
+
+    @triton.jit
+    def _merge(Mp, Lp, Op, pid, NSPL, NBR: tl.constexpr, br: tl.constexpr, gg, GP: tl.constexpr,
+               SP: tl.constexpr, dv, DV: tl.constexpr):
+        """Merge the online-softmax partials of one row over NSPL splits; zeros when nothing was visible."""
+        s = tl.arange(0, SP)
+        sok = s < NSPL
+        o = ((pid * NSPL + s) * NBR + br).to(tl.int64) * GP + gg
+        ms = tl.load(Mp + o, mask=sok, other=float("-inf"))
+        ls = tl.load(Lp + o, mask=sok, other=0.0)
+        mx = tl.max(ms, 0)
+        w = tl.exp(ms - tl.where(mx == float("-inf"), 0.0, mx))
+        tot = tl.sum(ls * w, 0)
+        acc = tl.sum(tl.load(Op + o[:, None] * DV + dv[None, :], mask=sok[:, None], other=0.0) * w[:, None], 0)
+        return tl.where(tot > 0, acc / tl.where(tot > 0, tot, 1.0), 0.0)
+
+    @triton.jit
+    def _dec_combine_kernel(M1, L1, O1, M2, L2, O2, GATES, FIRSTV, OUT,
+                            sgb, sgh, sgt, sgc, sob, soh, sot,
+                            TQ, p0, S1, S2,
+                            HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
+                            S1P: tl.constexpr, S2P: tl.constexpr):
+        pid = tl.program_id(0)
+        gg = tl.program_id(1)
+        t = pid % TQ
+        bh = pid // TQ
+        b = bh // HKV
+        hkv = bh % HKV
+        p = p0 + t
+        h = hkv * G + gg
+        dv = tl.arange(0, DV)
+        o_c = _merge(M1, L1, O1, pid, S1, 1, 0, gg, GP, S1P, dv, DV)
+        o_s = _merge(M2, L2, O2, pid, S2, 2, 0, gg, GP, S2P, dv, DV)
+        o_w = _merge(M2, L2, O2, pid, S2, 2, 1, gg, GP, S2P, dv, DV)
+        gb = GATES + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh + t.to(tl.int64) * sgt
+        g0 = tl.load(gb).to(tl.float32)
+        g1 = tl.load(gb + sgc).to(tl.float32)
+        g2 = tl.load(gb + 2 * sgc).to(tl.float32)
+        out = g0 * o_c + g1 * o_s + g2 * o_w
+        out = tl.where(tl.load(FIRSTV + b) < p, out, o_s)  # no video before the query: dense (= selection)
+        tl.store(OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot + dv,
+                 out.to(OUT.dtype.element_ty))
+
+
+# Tests set this to fill the kernels' scratch buffers with NaN (nothing may be read before it is written).
+POISON_SCRATCH = False
+
+
+def _scratch(n: int, device: torch.device) -> Tensor:
+    if POISON_SCRATCH:
+        return torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    return torch.empty(n, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: DecodeState, scale: float,
+                         top_n: int, window_size: int, split_cmp: int | None = None,
+                         split_attn: int | None = None, out: Tensor | None = None) -> Tensor:
+    """Sparse attention of the Tq **text** queries at the end of the cache over the kept state (module doc: three
+    kernels, no host sync, CUDA-graph capturable).
+
+    Args:
+        q: [B, Hq, Tq, D]; k, v: the cache [B, Hkv, Tk, D] / [B, Hkv, Tk, Dv] (Tk ≥ state.anchor; keys after the
+            anchor are text); gates: [B, Hq, Tq, 3] (any strides, e.g. expanded constants); same float dtype for
+            q, k, v (fp16 / bf16 / fp32; fp32 dots in IEEE precision).
+        state: `build_decode_state` of these keys (its compressed K/V are read, not recomputed).
+        scale: softmax scale; top_n, window_size: `NSAConfig` fields.
+        split_cmp, split_attn: programs per (batch, KV head, query) of the compression and attention kernels
+            (default: enough to fill the GPU).
+        out: optional [B, Hq, Tq, Dv] tensor of q's dtype to write into (every entry is written).
+    Returns:
+        [B, Hq, Tq, Dv] in q's dtype. Video queries are not handled here (their rows are meaningless).
+    Raises:
+        NSAInputError: a cache shorter than the state's anchor.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    if Tk < state.anchor:
+        raise NSAInputError(f"cache of {Tk} keys is shorter than the kept state's {state.anchor}")
+    G = Hq // Hkv
+    GP = _pow2(G, 16)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    NC, NS, NT = state.k_cmp.shape[2], state.sel_start.shape[1], state.txt_start.shape[1]
+    BLOCK_C, BLOCK_N = 64, state.block_n
+    NCH = -(-state.key[-1] // BLOCK_N)  # key tiles per selection block
+    NS_PAD = _pow2(NS, 256)
+    n_sel = min(top_n, NS)
+    precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    target = _target_programs(q.device)
+    if out is None:
+        out = torch.empty(B, Hq, Tq, Dv, dtype=q.dtype, device=q.device)
+    elif out.shape != (B, Hq, Tq, Dv) or out.dtype != q.dtype:
+        raise NSAInputError(f"out must be {(B, Hq, Tq, Dv)} {q.dtype}, got {tuple(out.shape)} {out.dtype}")
+    chunk = max(1, _SCRATCH_BYTES // max(1, B * Hkv * GP * NC * 4))
+    for t0 in range(0, Tq, chunk):
+        TQ = min(chunk, Tq - t0)
+        rows = B * Hkv * TQ
+        n_tiles = -(-NC // BLOCK_C)
+        S1 = split_cmp or min(n_tiles, max(1, -(-target // rows)))
+        tiles_per_split = -(-n_tiles // S1)
+        S1 = -(-n_tiles // tiles_per_split)
+        items = n_sel * NCH + -(-window_size // BLOCK_N) + NT + -(-(Tk - state.anchor) // BLOCK_N) + 1
+        S2 = split_attn or max(1, min(64, -(-items // 2), -(-2 * target // rows)))
+        S, M1, L1, O1, M2, L2, O2 = (_scratch(n, q.device) for n in (
+            rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
+            rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv))
+        qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
+        p0 = Tk - Tq + t0
+        kc, vc = state.k_cmp, state.v_cmp
+        _dec_cmp_kernel[(rows, S1)](
+            qc, kc, vc, state.cmp_end, S, M1, L1, O1,
+            qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
+            vc.stride(0), vc.stride(1), vc.stride(2),
+            TQ, p0, NC, S1, tiles_per_split, scale,
+            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision, num_warps=8, num_stages=1)
+        _dec_attn_kernel[(rows, S2)](
+            qc, k, v, S, M1, L1, state.sel_start, state.sel_end, state.band_first, state.band_last,
+            state.txt_start, state.txt_end, state.n_txt, M2, L2, O2,
+            qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            TQ, p0, NC, NS, NT, S1, S2, state.anchor, top_n, n_sel, window_size, scale, key_id_bits(NS),
+            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width,
+            BLOCK_N=BLOCK_N, NCH=NCH, PRECISION=precision,
+            num_warps=8 if NS_PAD <= 8192 else 16)  # 4 warps spill registers (sm_90, D=128)
+        _dec_combine_kernel[(rows, G)](
+            M1, L1, O1, M2, L2, O2, gc, state.first_video, oc,
+            gc.stride(0), gc.stride(1), gc.stride(2), gc.stride(3), oc.stride(0), oc.stride(1), oc.stride(2),
+            TQ, p0, S1, S2,
+            HKV=Hkv, G=G, GP=GP, DV=Dv, S1P=_pow2(S1), S2P=_pow2(S2), num_warps=4)
+    return out

@@ -1,0 +1,249 @@
+"""Fuzzed equivalence: the Triton path of the op (`nsa_triton_forward` / `nsa_triton_backward`) against the fp64
+reference (`nsa_reference` + autograd) on inputs drawn by hypothesis.
+
+Drawn: batch size, key length (shorter than a block, not a multiple of the block size, …), query count (prefill
+or the last queries of a KV cache), the part of the keys the video mask covers, GQA group (1–16), KV heads, head
+dim, dtype, config (block size, stride, selection block, top-n, window) and the layout of the video spans (none,
+all video, one span, several spans with text between them, spans shorter than a block, a different layout per
+batch row). Checked: the forward and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5
+(fp32), 1e-2 (fp16), 2e-2 (bf16), plus an absolute floor of tol/10 per element for results that are zero up to
+cancellation (inputs are O(1)); NaN fails.
+
+The selection top-n is not differentiable and a near-tie between the n-th and (n+1)-th block can flip between
+the kernel (fp32 scores from half-precision inputs) and the fp64 reference. Rows whose reference scores are within
+a dtype-dependent relative margin of a tie are excluded from the row-wise comparisons (out, dq, dgates) and, if
+any exists, dk / dv (sums over rows) are not compared for that case; the counts are reported. Inputs are random
+normals, so exact ties only occur between blocks of zero score, which both sides break alike (earlier block).
+
+Where it runs: on CPU under the Triton interpreter (fp32, fp16; small shapes; ``NSA_FUZZ_EXAMPLES``, default 25,
+about a minute on 2 cores); on a CUDA machine on the GPU (fp16, bf16; larger shapes; default 1000 examples).
+``NSA_FUZZ_SEED=N`` draws a different, reproducible set (default: hypothesis' derandomized set, the same every
+run); ``NSA_FUZZ_HEAD_DIMS=64,128`` restricts the head dims (default: 16, 24, 32 on CPU; 16 … 256 with 80 and 96
+on the GPU); ``NSA_FUZZ_MAX_SECONDS=S`` stops checking new examples after S seconds (the count says how many ran);
+``NSA_FUZZ_REPORT=FILE`` writes the counts as JSON. The GPU run for BENCHMARKS.md (shards with other seeds add
+cases; each shard's first cases also compile the Triton variants they need):
+
+    NSA_FUZZ_EXAMPLES=1000 NSA_FUZZ_REPORT=fuzz.json python -m pytest -q -s tests/kernels/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+pytest.importorskip("triton")
+from hypothesis import HealthCheck, given, note, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from nsa_compile.kernels.common import video_layout  # noqa: E402
+from nsa_compile.kernels.compression import compression_reference  # noqa: E402
+from nsa_compile.kernels.nsa import nsa_reference  # noqa: E402
+from nsa_compile.kernels.nsa_triton import nsa_triton_backward, nsa_triton_forward  # noqa: E402
+from nsa_compile.kernels.selection import _block_scores  # noqa: E402
+
+try:  # the top-n key keeps a score's top 31 − key_id_bits(Ns) bits: closer scores count as tied (earlier block)
+    from nsa_compile.kernels.selection import key_id_bits  # noqa: E402
+except ImportError:  # an exact float32 order
+    def key_id_bits(num_blocks: int) -> int:
+        return 0
+
+GPU = torch.cuda.is_available()
+DEVICE = "cuda" if GPU else "cpu"
+EXAMPLES = int(os.environ.get("NSA_FUZZ_EXAMPLES", "1000" if GPU else "25"))
+SEED = os.environ.get("NSA_FUZZ_SEED")
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+# Relative margin under which two block scores count as a near-tie that the kernel may order differently.
+TIE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+if GPU:  # shapes: max keys, head dims, dtypes, block sizes
+    MAX_T, HEAD_DIMS, DTYPES, BLOCKS, SEL_BLOCKS = 1024, (16, 32, 64, 80, 96, 128, 256), \
+        (torch.float16, torch.bfloat16), (8, 16, 32, 64), (8, 16, 32, 64, 128)
+else:  # the interpreter is slow: keep each example to a few seconds on one core
+    MAX_T, HEAD_DIMS, DTYPES, BLOCKS, SEL_BLOCKS = 48, (16, 24, 32), (torch.float32, torch.float16), (4, 8, 16), \
+        (4, 8, 16, 24)
+if os.environ.get("NSA_FUZZ_HEAD_DIMS"):  # e.g. "64,128": only these head dims
+    HEAD_DIMS = tuple(int(d) for d in os.environ["NSA_FUZZ_HEAD_DIMS"].split(","))
+WORK = 768  # CPU: batch × KV heads × pow2(group) × keys at most
+# Stop checking new examples after this many seconds (the rest pass without running; "cases" counts the checked
+# ones), so that a run under a wall-clock limit still ends with its report.
+MAX_SECONDS = float(os.environ.get("NSA_FUZZ_MAX_SECONDS", "inf"))
+T0 = [time.perf_counter()]  # reset when the module's tests start
+
+STATS = {"device": DEVICE, "examples_requested": EXAMPLES, "seed": SEED, "cases": 0, "by_dtype": {},
+         "rows_compared": 0, "near_tie_rows_excluded": 0, "cases_without_dkdv_check": 0, "failures": [],
+         "seconds": 0.0}
+
+
+# ----------------------------------------------------------------------------------------------- strategies
+@st.composite
+def row_layout(draw, T: int, block: int) -> list[bool]:
+    """Video flags of one row of ``T`` positions: none, all, or text / video runs of drawn lengths (runs shorter
+    than a block, around a block, several blocks)."""
+    kind = draw(st.sampled_from(["none", "all", "spans", "spans", "spans"]))
+    if kind == "none" or T == 0:
+        return [False] * T
+    if kind == "all":
+        return [True] * T
+    flags: list[bool] = []
+    video = draw(st.booleans())
+    while len(flags) < T:
+        if video:
+            n = draw(st.one_of(st.integers(1, max(1, block - 1)), st.integers(block, 3 * block),
+                               st.integers(1, T)))
+        else:
+            n = draw(st.integers(1, max(1, min(T, 2 * block))))
+        flags += [video] * n
+        video = not video
+    return flags[:T]
+
+
+@st.composite
+def fuzz_case(draw) -> dict:
+    dtype = draw(st.sampled_from(DTYPES))
+    D = draw(st.sampled_from(HEAD_DIMS))
+    Hkv = draw(st.integers(1, 2))
+    G = draw(st.integers(1, 16 if Hkv == 1 or GPU else 8))
+    B = draw(st.integers(1, 2))
+    l = draw(st.sampled_from(BLOCKS))
+    d = draw(st.one_of(st.just(l), st.sampled_from(sorted({max(1, l // 2), max(1, l // 4)})), st.integers(1, l)))
+    ls = draw(st.sampled_from(SEL_BLOCKS))
+    top_n = draw(st.integers(1, 6))
+    # Work grows with batch × KV heads × group (rounded up to a power of two) × tokens: bound it on CPU.
+    max_t = MAX_T if GPU else max(4, min(MAX_T, WORK // (B * Hkv * 2 ** math.ceil(math.log2(G)))))
+    Tk = draw(st.one_of(st.integers(1, max(1, l - 1)), st.integers(1, max_t), st.just(max_t)))
+    window = draw(st.one_of(st.integers(1, 2 * l), st.integers(1, Tk + 8)))
+    Tq = draw(st.one_of(st.just(Tk), st.just(Tk), st.integers(1, Tk)))
+    Tm = draw(st.one_of(st.just(Tk), st.integers(Tq, Tk)))
+    same = draw(st.booleans())
+    rows = [draw(row_layout(Tm, l))]
+    rows += [rows[0] if same else draw(row_layout(Tm, l)) for _ in range(B - 1)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    return dict(dtype=dtype, B=B, Hkv=Hkv, G=G, D=D, Tq=Tq, Tk=Tk, Tm=Tm, rows=rows, seed=seed,
+                params=(l, d, ls, top_n, window))
+
+
+def _describe(c: dict) -> str:
+    rows = ["".join("v" if f else "." for f in r) for r in c["rows"]]
+    return (f"{str(c['dtype'])[6:]} B={c['B']} Hkv={c['Hkv']} G={c['G']} D={c['D']} Tq={c['Tq']} Tk={c['Tk']} "
+            f"Tm={c['Tm']} (l, d, l', n, w)={c['params']} seed={c['seed']} rows={rows}")
+
+
+# ----------------------------------------------------------------------------------------------- the check
+def near_tie_rows(q, k, v, vm, scale, params, dtype) -> torch.Tensor:
+    """bool [B, Hkv, Tq]: video queries whose n-th and (n+1)-th best candidate blocks (fp64 reference scores) are
+    within ``TIE[dtype]``, or within a few quanta of the top-n key's score resolution, of each other, relatively
+    (there rounding decides whether the kernel and the reference see a tie, which the earlier block wins)."""
+    l, d, ls, n, _ = params
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk = k.shape[1], k.shape[2]
+    layout = video_layout(vm, Tk, l, d, ls)
+    video_q = layout.is_video[:, Tk - Tq:]
+    if not bool(video_q.any()):
+        return torch.zeros(B, Hkv, Tq, dtype=torch.bool, device=q.device)
+    _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, Tq, D), k, v, layout, scale)
+    scores = _block_scores(p.sum(2), layout)  # [B, Hkv, Tq, Ns]
+    own_start = layout.sel_start[:, Tk - Tq:]
+    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, Tq, Ns]
+    if scores.shape[-1] <= n:
+        return torch.zeros(B, Hkv, Tq, dtype=torch.bool, device=q.device)
+    s = torch.where(candidate[:, None], scores, -1.0).sort(-1, descending=True).values
+    nth, next_ = s[..., n - 1], s[..., n]
+    margin = max(TIE[dtype], 4 * 2.0 ** (key_id_bits(scores.shape[-1]) - 23))
+    near = (next_ >= 0) & (nth > 0) & (nth - next_ <= margin * nth)
+    return near & video_q[:, None]
+
+
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, rows: torch.Tensor | None = None) -> None:
+    assert not torch.isnan(out).any(), f"{name}: NaN in the Triton result"
+    out, ref = out.double(), ref.double()
+    if rows is not None:
+        out, ref = out[rows], ref[rows]
+    if out.numel() == 0:
+        return
+    # Relative error, with an absolute floor of tol/10 per element (inputs are O(1)) for results that are zero
+    # up to cancellation, e.g. dq of a query that sees a single key.
+    err, bound = (out - ref).norm().item(), tol * ref.norm().item() + 0.1 * tol * out.numel() ** 0.5
+    assert err <= bound, f"{name}: ‖Triton−ref‖ = {err:.3g} > {bound:.3g} (‖ref‖ = {ref.norm().item():.3g})"
+
+
+def check_case(c: dict) -> None:
+    dtype, B, Hkv, G, D, Tq, Tk, Tm = (c[x] for x in ("dtype", "B", "Hkv", "G", "D", "Tq", "Tk", "Tm"))
+    Hq = Hkv * G
+    g = torch.Generator().manual_seed(c["seed"])
+    q, k, v = (torch.randn(B, h, t, D, generator=g).to(dtype) for h, t in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    gates = torch.rand(B, Hq, Tq, 3, generator=g).to(dtype)
+    go = torch.randn(B, Hq, Tq, D, generator=g)
+    vm = torch.tensor(c["rows"], dtype=torch.bool).reshape(B, Tm)
+    q, k, v, gates, go, vm = (x.to(DEVICE) for x in (q, k, v, gates, go, vm))
+    scale = 1.0 / math.sqrt(D)
+    params = c["params"]
+
+    ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]  # fp64 oracle on the same rounded inputs
+    ref = nsa_reference(*ref_in, vm, None, scale, *params)
+    ref.backward(go.double())
+    ref_grads = [torch.zeros_like(x) if x.grad is None else x.grad for x in ref_in]
+
+    out = nsa_triton_forward(q, k, v, gates, vm, scale, *params)
+    grads = nsa_triton_backward(go.to(dtype), q, k, v, gates, vm, scale, *params)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(grads, (q, k, v, gates)))
+
+    with torch.no_grad():
+        near = near_tie_rows(*ref_in[:3], vm, scale, params, dtype)  # [B, Hkv, Tq]
+    rows = ~near.repeat_interleave(G, 1)  # [B, Hq, Tq]
+    n_near = int(near.sum())
+    STATS["rows_compared"] += int(rows.sum())
+    STATS["near_tie_rows_excluded"] += n_near * G
+    tol = TOL[dtype]
+    compare("out", out, ref.detach(), tol, rows)
+    compare("dq", grads[0], ref_grads[0], tol, rows)
+    compare("dgates", grads[3], ref_grads[3], tol, rows)
+    if n_near:
+        STATS["cases_without_dkdv_check"] += 1
+    else:
+        compare("dk", grads[1], ref_grads[1], tol)
+        compare("dv", grads[2], ref_grads[2], tol)
+
+
+# ----------------------------------------------------------------------------------------------- the test
+def _settings(f):
+    f = settings(max_examples=EXAMPLES, deadline=None, derandomize=SEED is None, database=None, print_blob=True,
+                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                        HealthCheck.data_too_large, HealthCheck.filter_too_much])(f)
+    return hypothesis.seed(int(SEED))(f) if SEED is not None else f
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    T0[0] = time.perf_counter()
+    yield
+    STATS["seconds"] = round(time.perf_counter() - T0[0], 1)
+    line = "NSA fuzz: " + json.dumps(STATS)
+    print("\n" + line)
+    if os.environ.get("NSA_FUZZ_REPORT"):
+        with open(os.environ["NSA_FUZZ_REPORT"], "w") as f:
+            json.dump(STATS, f, indent=1)
+
+
+@_settings
+@given(case=fuzz_case())
+def test_triton_path_matches_reference_on_fuzzed_inputs(case):
+    if time.perf_counter() - T0[0] > MAX_SECONDS:
+        return
+    note(_describe(case))
+    try:
+        check_case(case)
+    except AssertionError as e:  # hypothesis then shrinks the example and reports the smallest one
+        kind = str(e).split(":")[0]
+        if kind not in STATS["failures"]:
+            STATS["failures"].append(kind)
+        raise
+    STATS["cases"] += 1
+    key = str(case["dtype"])[6:]
+    STATS["by_dtype"][key] = STATS["by_dtype"].get(key, 0) + 1
