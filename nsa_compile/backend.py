@@ -187,12 +187,11 @@ def _reference_reason(site) -> str:
     q, v = _val(site.q), _val(site.v)
     if q is None or not q.is_cuda:
         return ""
-    has_mask = isinstance(site.attn_mask, fx.Node)
-    if use_triton(q, q if has_mask else None, v):
+    # an attn_mask is inspected at run time (`kernels.nsa.key_padding`: causal key padding runs the kernels, any
+    # other mask the reference, with a warning); here only what is known from shapes and dtypes
+    if use_triton(q, None, v):
         return ""
     dims = sorted({int(q.shape[-1])} | ({int(v.shape[-1])} if v is not None else set()))
-    if has_mask:
-        return "the call passes an attn_mask (e.g. padding; call without attention_mask, as generate does)"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"dtype {q.dtype} (the kernels take fp16, bf16, fp32)"
     try:

@@ -217,7 +217,7 @@ def test_a_forward_without_mask_source_never_reuses_the_previous_mask():
 
 
 def test_invalid_options_name_the_field():
-    with pytest.raises(Exception, match="block_size must be a positive int"):
+    with pytest.raises(Exception, match="block_size must be an int ≥ 1"):
         torch.compile(ToyVLM(), backend="nsa", options={"block_size": 0})(*toy_inputs())
 
 

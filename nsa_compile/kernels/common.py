@@ -143,7 +143,8 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float
     m = s.amax(-1, keepdim=True).detach()
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     e = torch.exp(s - m)
-    p = e / e.sum(-1, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
+    den = e.sum(-1, keepdim=True)
+    p = e / torch.where(den > 0, den, torch.ones_like(den))  # a row that sees nothing: 0, and 0 gradient (not NaN)
     return torch.einsum("bhgck,bhkd->bhgcd", p, v), p
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -84,12 +85,58 @@ def nsa_reference(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
 
 
 # ----------------------------------------------------------------------------------------------- the custom op
+def key_padding(attn_mask: Tensor, B: int, Tq: int, Tk: int, rows_per_check: int = 1 << 26) -> Tensor | None:
+    """The keys an SDPA-style ``attn_mask`` leaves visible, when that is all it does within causal attention.
+
+    Args:
+        attn_mask: broadcastable to [B, Hq, Tq, Tk]; bool (True = attend) or additive float (0 / −inf).
+        B, Tq, Tk: batch, queries, keys (query i at position Tk − Tq + i).
+    Returns:
+        bool [B|1, Tk] ``key_valid`` such that, for every query and every key at or before it, the mask lets the key
+        through exactly when ``key_valid`` does (a causal mask, a padding mask, or both, as transformers builds
+        them); None when the mask does anything else (different per head or per query within the causal region,
+        finite biases): the op then runs the reference. The whole mask is read once, in chunks of about
+        ``rows_per_check`` elements.
+    """
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    if m.shape[-1] != Tk or m.shape[-2] not in (1, Tq) or m.shape[0] not in (1, B):
+        return None
+
+    def visible(x: Tensor) -> Tensor | None:
+        if x.dtype == torch.bool:
+            return x
+        if not bool(((x == 0) | (x == float("-inf"))).all()):
+            return None
+        return x == 0
+
+    last = visible(m[:, :, -1, :])  # the last query sees every key causally: its row is the key validity
+    if last is None or (m.shape[1] > 1 and not bool((last == last[:, :1]).all())):
+        return None
+    key_valid = last[:, 0]  # [B|1, Tk]
+    step = max(1, rows_per_check // max(1, m.shape[0] * m.shape[1] * Tk))
+    j = torch.arange(Tk, device=m.device)
+    for r0 in range(0, m.shape[-2], step):
+        rows = visible(m[:, :, r0:r0 + step, :])
+        if rows is None:
+            return None
+        p = Tk - Tq + torch.arange(r0, r0 + rows.shape[-2], device=m.device)
+        after = j[None, :] > p[:, None]  # keys causal attention hides anyway
+        if m.shape[-2] == 1:
+            after = j[None, :] > Tk - Tq  # one row broadcast to all queries: must hold from the first query on
+        if not bool(((rows | after) == (key_valid[:, None, None, :] | after)).all()):
+            return None
+    return key_valid
+
+
 def use_triton(q: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> bool:
     """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32, head dims from 16 to 256 (those that
-    are not a power of two, e.g. 80 or 96, are zero-padded inside), without an ``attn_mask``; everything else (CPU,
-    fp64, head dims below 16, masks such as padding) runs the reference."""
+    are not a power of two, e.g. 80 or 96, are zero-padded inside); an ``attn_mask`` must reduce to key padding
+    (`key_padding`, checked at run time). Everything else (CPU, fp64, head dims below 16, other masks) runs the
+    reference. ``attn_mask`` is not inspected here."""
     dims = (q.shape[-1],) + ((v.shape[-1],) if v is not None else ())
-    if (not q.is_cuda or attn_mask is not None or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
             or any(d < 16 or d > 256 for d in dims)):
         return False
     try:
@@ -99,15 +146,35 @@ def use_triton(q: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> 
     return True
 
 
+_warned_mask = False
+
+
+def _route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> tuple[bool, Tensor | None]:
+    """(run the Triton kernels?, key validity of ``attn_mask`` for them)."""
+    global _warned_mask
+    if not use_triton(q, None, v):
+        return False, None
+    if attn_mask is None:
+        return True, None
+    key_valid = key_padding(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+    if key_valid is None and not _warned_mask:
+        _warned_mask = True
+        warnings.warn("nsa-compile: an attn_mask that does more than causal key padding (per-head or per-query "
+                      "differences, finite biases) runs the NSA reference, not the Triton kernels: slower and "
+                      "O(chunk·T) memory per head", stacklevel=3)
+    return key_valid is not None, key_valid
+
+
 @torch.library.custom_op("nsa_compile::nsa_attention", mutates_args=())
 def _nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, attn_mask: Tensor | None,
                    scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
                    window_size: int) -> Tensor:
-    if use_triton(q, attn_mask, v):
+    route, key_valid = _route(q, k, v, attn_mask)
+    if route:
         from .nsa_triton import nsa_triton_forward
         check_inputs(q, k, v, gates, video_mask)
         return nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride,
-                                  selection_block_size, top_n, window_size).contiguous()
+                                  selection_block_size, top_n, window_size, key_valid).contiguous()
     return nsa_reference(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
                          selection_block_size, top_n, window_size)
 
@@ -123,10 +190,11 @@ def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, g
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
                             selection_block_size: int, top_n: int, window_size: int
                             ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if use_triton(q, attn_mask, v):
+    route, key_valid = _route(q, k, v, attn_mask)
+    if route:
         from .nsa_triton import nsa_triton_backward
         grads = nsa_triton_backward(grad_out, q, k, v, gates, video_mask, scale, block_size, block_stride,
-                                    selection_block_size, top_n, window_size)
+                                    selection_block_size, top_n, window_size, key_valid)
         return tuple(g.contiguous() for g in grads)
 
     # Recompute-based backward through the reference (torch.func.vjp: autograd is off inside an op's kernel);

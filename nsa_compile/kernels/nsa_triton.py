@@ -51,7 +51,7 @@ def _text_chunks(layout: VideoLayout, block_n: int) -> Tensor:
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
-             selection_block_size: int, window_size: int):
+             selection_block_size: int, window_size: int, key_valid: Tensor | None = None):
     """Layout, video-query flags and one (plan, keys, values) per branch that has rows to compute."""
     Tq, Tk = q.shape[2], k.shape[2]
     layout = video_layout(video_mask.to(k.device), Tk, block_size, block_stride, selection_block_size)
@@ -75,6 +75,10 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
             text=_text_chunks(layout, block_n).contiguous(), block_n=block_n), k, v)
         if window_size > 0:  # window 0: the branch's output is zero
             branches["window"] = (SegmentPlan(WINDOW, need_v, Tk, gate=2, window=window_size), k, v)
+    if key_valid is not None:  # key padding of an attention mask: every branch but compression (video only)
+        kv = key_valid.to(device=k.device, dtype=torch.int8).expand(k.shape[0], Tk).contiguous()
+        for plan, _, _ in branches.values():
+            plan.key_valid = kv
     return layout, video_q, branches
 
 
@@ -144,9 +148,10 @@ def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, backward: bool) -
 
 def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, scale: float,
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
-                       _keep: dict | None = None) -> Tensor:
-    """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`
-    without ``attn_mask``; fp16 / bf16 / fp32, head dims up to 256.
+                       key_valid: Tensor | None = None, _keep: dict | None = None) -> Tensor:
+    """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
+    fp16 / bf16 / fp32, head dims up to 256. An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys
+    it leaves visible, see `nsa.key_padding`); other masks need the reference.
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
@@ -156,7 +161,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     q, k, v = _pad_head_dims(q, k, v)
     B, Hq, Tq, _ = q.shape
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
-                                         window_size)
+                                         window_size, key_valid)
     g = gates.float().contiguous()
     acc = torch.zeros(B, Hq, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
     for name in ORDER:
@@ -187,7 +192,7 @@ def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_
 
 def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                         scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
-                        window_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        window_size: int, key_valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dgates) of `nsa_triton_forward` in the inputs' dtypes. Recomputes the softmax statistics and
     the top-n blocks; gate gradients are ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated
     (NSA §3.3.2). Deterministic.
@@ -202,7 +207,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
-                                         window_size)
+                                         window_size, key_valid)
     g = gates.float().contiguous()
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)

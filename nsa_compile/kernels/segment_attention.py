@@ -107,8 +107,10 @@ def _segment(MODE: tl.constexpr, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV: 
 
 
 @triton.jit
-def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, owner):
-    """[rows, keys] mask of what each row sees among keys ``c`` of one segment."""
+def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, owner, KVALID, kv_base,
+             HAS_KMASK: tl.constexpr):
+    """[rows, keys] mask of what each row sees among keys ``c`` of one segment; with HAS_KMASK, token keys
+    (not the compressed ones) must also be valid in KVALID (an attention mask's key padding)."""
     if MODE == 0:
         m = c[None, :] <= p[:, None]
     elif MODE == 1:
@@ -118,16 +120,18 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
         m = end[None, :] <= p[:, None]
     else:
         m = (c[None, :] <= p[:, None]) & ((owner < 0) | (t_loc == owner))[:, None]
+    if HAS_KMASK and MODE != 2:
+        m = m & (tl.load(KVALID + kv_base + c, mask=c_ok, other=0) != 0)[None, :]
     return m & c_ok[None, :]
 
 
 @triton.jit
-def _fwd(Q, K, V, ACC, LSE, ROWD, DO, GATE, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED,
+def _fwd(Q, K, V, ACC, LSE, ROWD, DO, GATE, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
          Tq, Tk, Nk, Ns, n_txt, window, scale,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr, ROWDOT: tl.constexpr):
+         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, ROWDOT: tl.constexpr):
     """Online-softmax forward of one tile. ROWDOT=False: ACC[row] += gate·o; ROWDOT=True: ROWD[row] = Σ dO·o.
     LSE[row] = log-sum-exp (+inf for a row that sees nothing: its o is 0). Rows not needed are left untouched."""
     tile = tl.program_id(0)
@@ -153,7 +157,8 @@ def _fwd(Q, K, V, ACC, LSE, ROWD, DO, GATE, KEND, TXT, SEG, SEL, OWN, BSTART, BL
             c_ok = (n < length) & (c < Nk)
             k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner)
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                           b.to(tl.int64) * Tk, HAS_KMASK)
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -187,12 +192,12 @@ def _gated_do(DO, GATE, row, valid, GI: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, GATE, LSE, DELTA, DQ, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED,
+def _bwd_dq(Q, K, V, DO, GATE, LSE, DELTA, DQ, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID,
             sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
             Tq, Tk, Nk, Ns, n_txt, window, scale,
             G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
             D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
-            PRECISION: tl.constexpr):
+            PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
     """DQ[row] += dq of one branch, per query tile (the same key segments as the forward)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
@@ -219,7 +224,8 @@ def _bwd_dq(Q, K, V, DO, GATE, LSE, DELTA, DQ, KEND, TXT, SEG, SEL, OWN, BSTART,
             k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
             v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner) & valid[:, None]
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                           b.to(tl.int64) * Tk, HAS_KMASK) & valid[:, None]
             pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = pr * (dp - delta[:, None])
@@ -229,13 +235,13 @@ def _bwd_dq(Q, K, V, DO, GATE, LSE, DELTA, DQ, KEND, TXT, SEG, SEL, OWN, BSTART,
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, CSR_OFF,
+def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID, CSR_OFF,
               CSR_TILES,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
               Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pairs, window, scale,
               G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, GI: tl.constexpr,
-              MODE: tl.constexpr, PRECISION: tl.constexpr):
+              MODE: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
     """DK, DV += one branch's gradient of one key segment, walking the query tiles that read it: a contiguous range
     for dense / window / compressed keys and for text chunks, a CSR list for a selection block."""
     kid = tl.program_id(0)
@@ -301,8 +307,11 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
                               mask=valid[:, None] & (slot < NSEL)[None, :], other=-3)
                 chosen = tl.sum((sel == sid).to(tl.int32), axis=1) > 0
                 vis = (c[None, :] <= p[:, None]) & ((sid < 0) | (own == sid) | chosen)[:, None] & c_ok[None, :]
+                if HAS_KMASK:
+                    vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
             else:
-                vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1)
+                vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
+                               b.to(tl.int64) * Tk, HAS_KMASK)
             vis = vis & valid[:, None]
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
             pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
@@ -341,7 +350,8 @@ class SegmentPlan:
         (start, length) of those blocks and of the position's own block (length 0: none), both from `select_topn`;
         own: int32 [B, Tk] own selection block of each
         position (−2 for text); block_start / block_len: int32 [B, Ns] selection blocks; text: int32 [B, n_txt, 2]
-        (start, length) chunks of at most ``block_n`` text keys (SELECTION).
+        (start, length) chunks of at most ``block_n`` text keys (SELECTION); key_valid: int8 [B, Tk], keys an
+        attention mask leaves visible (its key padding; None: all), for every mode but COMPRESSED.
     """
 
     mode: int
@@ -356,6 +366,7 @@ class SegmentPlan:
     block_start: torch.Tensor | None = None
     block_len: torch.Tensor | None = None
     text: torch.Tensor | None = None
+    key_valid: torch.Tensor | None = None
     block_n: int = 64
 
     def tables(self, device):
@@ -365,7 +376,7 @@ class SegmentPlan:
         Ns = 0 if self.block_start is None else self.block_start.shape[1]
         nsel = 1 if self.selected is None else self.selected.shape[-1]
         return ((pick(self.kend), pick(self.text), pick(self.segments), pick(self.selected), pick(self.own),
-                 pick(self.block_start), pick(self.block_len), self.need), Ns, n_txt, nsel)
+                 pick(self.block_start), pick(self.block_len), self.need, pick(self.key_valid)), Ns, n_txt, nsel)
 
 
 def _launch_common(q, k, v, plan: SegmentPlan):
@@ -375,7 +386,8 @@ def _launch_common(q, k, v, plan: SegmentPlan):
     tables, Ns, n_txt, nsel = plan.tables(q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     meta = dict(G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, GI=plan.gate,
-                MODE=plan.mode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                MODE=plan.mode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                HAS_KMASK=plan.key_valid is not None and plan.mode != COMPRESSED)
     return tables, strides, (Tq, plan.tk, Nk, Ns, n_txt), meta, (triton.cdiv(Tq, BLOCK_T), B * Hkv)
 
 

@@ -41,7 +41,7 @@ def test_export_plugin_human_output(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--opset", "17"], "opset 17 is not supported"),
     (["--preset", "nope"], "unknown NSA preset"),
-    (["--top-n", "0"], "top_n must be a positive int"),
+    (["--top-n", "0"], "top_n must be an int ≥ 1"),
     (["--frames", "0"], "--frames must be positive"),
     (["--mode", "plugin", "--verify"], "--verify runs the decomposed file"),
     (["--format", "tensorrt"], "GPU|not installed"),

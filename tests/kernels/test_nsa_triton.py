@@ -178,3 +178,39 @@ def same_selection(q, k, v, gates, vm, cfg):
     ref = torch.cat(ids, 2)
     ours = torch.where(ours < 0, -1, ours)[..., : ref.shape[-1]]
     return (ours.sort(-1).values == ref.sort(-1).values).all(-1).cpu()
+
+
+def test_key_padding_masks_reach_the_kernels():
+    """A causal mask and left padding (as transformers builds them, bool or additive float) reduce to key validity
+    and the Triton path with it matches the reference with the mask; any other mask is refused (reference)."""
+    from nsa_compile.kernels.nsa import key_padding
+
+    B, Hq, Hkv, T, D = 2, 6, 2, 80, 16
+    q, k, v, gates = make(B, Hq, Hkv, T, T, D=D, dtype=torch.float32, seed=3)
+    vm = spans(B, T, [[(10, 70)], [(16, 80)]])
+    pad = torch.ones(B, T, dtype=torch.bool)
+    pad[1, :9] = False  # row 1 left-padded by 9 tokens
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = causal[None, None] & pad[:, None, None, :]
+    for m in (mask, torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))):
+        key_valid = key_padding(m, B, T, T)
+        assert key_valid is not None and torch.equal(key_valid, pad)
+        params = (0.3, 8, 8, 8, 2, 12)
+        ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
+        ref = nsa_reference(*ref_in, vm, m, *params)
+        go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+        ref.backward(go)
+        out = nsa_triton_forward(q, k, v, gates, vm, *params, key_valid=key_valid)
+        grads = nsa_triton_backward(go.float(), q, k, v, gates, vm, *params, key_valid=key_valid)
+        check(out, ref.detach(), 1e-5, "out")
+        for name, g, r in zip("qkvg", grads, [x.grad for x in ref_in]):
+            check(g, r, 1e-5, name)
+    # not key padding: a query-dependent hole, a per-head difference, a finite bias
+    hole = mask.clone()
+    hole[0, 0, 50, 20] = False
+    heads = mask.expand(B, Hq, T, T).clone()
+    heads[0, 1, -1, 30] = False
+    bias = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    bias[0, 0, 40, 3] = -1.0
+    for m in (hole, heads, bias):
+        assert key_padding(m, B, T, T) is None
