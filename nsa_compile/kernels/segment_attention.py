@@ -348,10 +348,10 @@ class SegmentPlan:
         window: w (WINDOW); kend: int32 [B, Nk] last key position of each compressed key (COMPRESSED);
         selected: int32 [B, Hkv, Tq, n] top-n block ids (−1: none) and segments: int32 [B, Hkv, Tq, n+1, 2] the
         (start, length) of those blocks and of the position's own block (length 0: none), both from `select_topn`;
-        own: int32 [B, Tk] own selection block of each
-        position (−2 for text); block_start / block_len: int32 [B, Ns] selection blocks; text: int32 [B, n_txt, 2]
-        (start, length) chunks of at most ``block_n`` text keys (SELECTION); key_valid: int8 [B, Tk], keys an
-        attention mask leaves visible (its key padding; None: all), for every mode but COMPRESSED.
+        own: int32 [B, Tk] own selection block of each position (−2 for text); block_start / block_len: int32
+        [B, Ns] selection blocks; text: int32 [B, n_txt, 2] (start, length) chunks of at most ``block_n`` text keys
+        (SELECTION); key_valid: int8 [B, Tk], the keys an attention mask leaves visible (its key padding; None:
+        all), for every mode but COMPRESSED.
     """
 
     mode: int
@@ -370,6 +370,7 @@ class SegmentPlan:
     block_n: int = 64
 
     def tables(self, device):
+        """The kernels' table arguments (a 1-element dummy for each table the mode lacks), Ns, n_txt and n."""
         z = torch.zeros(1, dtype=torch.int32, device=device)
         pick = lambda x: z if x is None else x  # noqa: E731
         n_txt = 0 if self.text is None else self.text.shape[1]
