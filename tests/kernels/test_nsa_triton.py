@@ -54,8 +54,8 @@ def check(a, b, tol, name=""):
 
 
 @pytest.mark.parametrize("case,dtype,tol", [(c, torch.float32, 1e-5) for c in CASES]
-                         + [(c, torch.float16, 1e-2) for c in ("B2-HQ6-H2-T100-two-spans", "B1-HQ7-H1-T90-group7")],
-                         ids=[f"fp32-{c}" for c in CASES] + ["fp16-B2-HQ6-H2-T100-two-spans", "fp16-B1-HQ7-H1-T90-group7"])
+                         + [(c, torch.float16, 1e-2) for c in ("B1-HQ7-H1-T90-group7",)],  # more fp16: test_fuzz
+                         ids=[f"fp32-{c}" for c in CASES] + ["fp16-B1-HQ7-H1-T90-group7"])
 def test_triton_interpreter_against_reference(case, dtype, tol):
     out, ref, grads, ref_grads = run_both(case, dtype)
     assert out.dtype == dtype
