@@ -283,6 +283,7 @@ class NSABackend:
             hidden = _val(site.hidden)
             gate = install_gate(module, int(hidden.shape[-1]), int(q.shape[1]), cfg)
             rec.status = "rewritten"
+            rec.mask = site.mask.kind + (f": {site.mask.why}" if site.mask.why else "") if site.mask else ""
             rec.module_id = id(module)
             matched.append((site, gate))
 

@@ -13,7 +13,10 @@ from .kernels.common import attention_budget
 
 @dataclass
 class SiteRecord:
-    """One attention call: ``status`` is ``"rewritten"`` or ``"skipped"``; ``reason`` says why it was skipped."""
+    """One attention call: ``status`` is ``"rewritten"`` or ``"skipped"``; ``reason`` says why it was skipped;
+    ``mask`` what its ``attn_mask`` became in the op (`passes.attention.analyse_mask`): ``""`` (none), ``"causal"``
+    (dropped), ``"causal+keys"`` (only the per-key terms passed), ``"opaque: why"`` (passed whole, checked at run
+    time)."""
 
     graph: int
     node: str
@@ -24,6 +27,7 @@ class SiteRecord:
     q_heads: int = 0
     kv_heads: int = 0
     module_id: int = 0
+    mask: str = ""
 
 
 @dataclass
@@ -87,6 +91,7 @@ class CompileReport:
             "sites_skipped": len(self.skipped),
             "rewritten_modules": self.rewritten_modules,
             "skip_reasons": _count(s.reason for s in self.skipped),
+            "attn_masks": _count(s.mask for s in self.sites if s.status == "rewritten" and s.mask),
             "mask_sources": [{"graph": g.index, "source": g.mask_source, "records": g.records_mask}
                              for g in self.graphs if g.mask_source or g.records_mask],
             "budget": self.budget(),
@@ -102,6 +107,10 @@ class CompileReport:
         if d["skip_reasons"]:
             lines.append("  skipped:")
             lines += [f"    {n} × {r}" for r, n in d["skip_reasons"].items()]
+        if d["attn_masks"]:
+            lines.append("  attn_mask of rewritten sites (causal: not needed, dropped; causal+keys: only the per-key "
+                         "padding passed; opaque: passed whole, checked at run time):")
+            lines += [f"    {n} × {m}" for m, n in d["attn_masks"].items()]
         for g in self.graphs:
             if g.mask_source or g.records_mask or g.notes:
                 what = g.mask_source or "-"

@@ -70,6 +70,7 @@ class AttentionSite:
     module: str
     module_type: str
     hidden: fx.Node | None
+    mask: MaskPlan | None = None  # set by `find_attention_sites` (`analyse_mask`)
 
 
 def _val(node) -> torch.Tensor | None:
@@ -171,17 +172,19 @@ def _eager_site(softmax: fx.Node) -> AttentionSite | None:
 
 
 def find_attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
-    """Every SDPA call and every eager softmax-attention pattern of ``gm``, in graph order."""
+    """Every SDPA call and every eager softmax-attention pattern of ``gm``, in graph order, each with what its
+    ``attn_mask`` does (`analyse_mask`)."""
     sites = []
     for node in gm.graph.nodes:
         if _target_is(node, _SDPA_TARGETS) or _target_is(node, _ATEN_FORMS):
             site = _sdpa_site(node)
-            if site is not None:
-                sites.append(site)
         elif _target_is(node, _SOFTMAX):
             site = _eager_site(node)
-            if site is not None:
-                sites.append(site)
+        else:
+            continue
+        if site is not None:
+            site.mask = analyse_mask(site)
+            sites.append(site)
     return sites
 
 
@@ -212,3 +215,179 @@ def skip_reason(site: AttentionSite, have_video_ids: bool) -> str | None:
         return ("video tokens cannot be identified: no vision merge in the graph and no video_token_id in the "
                 "NSAConfig or the model config")
     return None
+
+
+# ------------------------------------------------------------------------------------ attn_mask analysis
+@dataclass
+class MaskPlan:
+    """What a site's ``attn_mask`` does, read from the graph that builds it (`analyse_mask`).
+
+    ``kind``: ``""`` (no mask); ``"causal"`` (exactly causal attention: the op needs no mask); ``"causal+keys"``
+    (causal attention AND per-key terms such as a padding mask: the op gets only ``keys``, each broadcastable
+    to [B, 1, 1, Tk], bool); ``"opaque"`` (anything else, passed whole: the op checks it at run time).
+    ``why`` says, for an opaque mask, what was not understood.
+    """
+
+    kind: str
+    keys: tuple = ()
+    why: str = ""
+
+
+_PASS_THROUGH = {"to", "contiguous", "bool", "clone"}
+_AND = {operator.and_, torch.logical_and, torch.bitwise_and, "logical_and", "bitwise_and", "__and__", operator.mul,
+        torch.mul, "mul"}
+_RELATIONS = {operator.le: "le", torch.le: "le", "le": "le", operator.ge: "ge", torch.ge: "ge", "ge": "ge",
+              operator.lt: "lt", torch.lt: "lt", "lt": "lt", operator.gt: "gt", torch.gt: "gt", "gt": "gt"}
+
+
+def _expr(x):
+    """A python int / SymInt / node holding one, as a sympy expression (None for anything else)."""
+    import sympy
+    if isinstance(x, fx.Node):
+        x = x.meta.get("example_value", x.meta.get("val"))
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, int):
+        return sympy.Integer(x)
+    if isinstance(x, torch.SymInt):
+        return x.node.expr
+    return None
+
+
+def _same(a, b) -> bool:
+    import sympy
+    return a is not None and b is not None and sympy.simplify(a - b) == 0
+
+
+def _unwrap(node):
+    """Follow shape-preserving wrappers (``.to``, ``expand``, full slices, ``where(m, 0, very negative)``) down to
+    the boolean expression they carry; returns (node, additive) where additive says a float mask was unwrapped."""
+    additive = False
+    while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
+        out, first = _val(node), node.args[0] if node.args else None
+        src = _val(first) if isinstance(first, fx.Node) else None
+        if node.target in _PASS_THROUGH or node.target == "expand" or (
+                node.target is operator.getitem and isinstance(node.args[1], tuple)
+                and all(isinstance(s, slice) or s is Ellipsis for s in node.args[1])):
+            if out is None or src is None or (node.target != "expand" and tuple(out.shape) != tuple(src.shape)):
+                return node, additive
+            if node.target in ("to", "bool") and out.dtype != src.dtype and out.dtype != torch.bool:
+                return node, additive
+            node = first
+            continue
+        if node.target is torch.where and len(node.args) == 3:
+            zero, neg = _scalar(node.args[1]), _scalar(node.args[2])
+            if zero == 0.0 and neg is not None and neg <= -1e4:
+                node, additive = first, True
+                continue
+        return node, additive
+    return node, additive
+
+
+def _scalar(x) -> float | None:
+    """The value of a python number, or of a graph node that makes a one-element constant (``torch.zeros(())``,
+    ``torch.tensor(c)``, ``torch.full((), c)``); None otherwise."""
+    if isinstance(x, fx.Node):
+        if x.op != "call_function":
+            return None
+        if x.target in (torch.zeros, torch.zeros_like):
+            return 0.0
+        if x.target is torch.tensor and x.args:
+            x = x.args[0]
+        elif x.target is torch.full and len(x.args) == 2:
+            x = x.args[1]
+        else:
+            return None
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+def _position_index(node):
+    """(axis from the end, length, offset) when ``node`` is ``arange(n) + c`` placed on one axis by indexing with
+    ``None``s and one full slice (how transformers builds q / kv positions; ``+ c`` before or after), else None."""
+    axis, ndim, offset, placed = 0, 1, _expr(0), False
+    while isinstance(node, fx.Node):
+        if _target_is(node, {operator.add, torch.add, "add", operator.sub, torch.sub, "sub"}):
+            a, b = node.args[0], node.args[1]
+            sign = -1 if node.target in (operator.sub, torch.sub, "sub") else 1
+            if isinstance(a, fx.Node) and _val(a) is not None and _expr(b) is not None:
+                offset, node = offset + sign * _expr(b), a
+            elif sign == 1 and isinstance(b, fx.Node) and _val(b) is not None and _expr(a) is not None:
+                offset, node = offset + _expr(a), b
+            else:
+                return None
+        elif not placed and _target_is(node, {operator.getitem}) and isinstance(node.args[1], tuple):
+            idx = node.args[1]
+            full = [i for i, s in enumerate(idx) if isinstance(s, slice) and s == slice(None)]
+            if len(full) != 1 or any(s is not None for i, s in enumerate(idx) if i != full[0]):
+                return None
+            axis, ndim, node, placed = full[0], len(idx), node.args[0], True
+        else:
+            break
+    if not _target_is(node, {torch.arange}) or node.kwargs.get("step", 1) != 1 or len(node.args) not in (1, 2):
+        return None
+    start, end = (0, node.args[0]) if len(node.args) == 1 else node.args
+    if _expr(start) is None or _expr(end) is None:
+        return None
+    return ndim - 1 - axis, _expr(end) - _expr(start), offset + _expr(start)
+
+
+def _is_causal_relation(node, Tq, Tk) -> bool:
+    """``node`` is ``kv ≤ q`` (or its ge/lt/gt spellings) over position indices such that key j is visible to query
+    i exactly when j ≤ Tk − Tq + i: bottom-right causal attention, the op's own."""
+    op = _RELATIONS.get(node.target) if node.op in ("call_function", "call_method") else None
+    if op is None or len(node.args) != 2:
+        return False
+    a, b = (_position_index(x) if isinstance(x, fx.Node) else None for x in node.args)
+    if a is None or b is None:
+        return False
+    small, big, slack = (a, b, 0) if op in ("le", "lt") else (b, a, 0)
+    if op in ("lt", "gt"):
+        slack = -1  # small < big  ⇔  small ≤ big − 1
+    (ak, klen, koff), (aq, qlen, qoff) = small, big
+    # key j (axis −1) at koff + j, query i (axis −2) at qoff + i: visible iff j ≤ i + (qoff − koff + slack)
+    return ak == 0 and aq == 1 and _same(klen, Tk) and _same(qlen, Tq) and _same(qoff - koff + slack, Tk - Tq)
+
+
+def analyse_mask(site: AttentionSite) -> MaskPlan:
+    """Read the graph that builds ``site.attn_mask``: transformers ≥ 5 materialises a [B, 1, Tq, Tk] mask under
+    dynamo (``kv_idx <= q_idx``, AND the padding mask indexed per key) that the NSA op does not need, since it is
+    causal by construction. When the mask is provably causal attention AND terms that depend on the key alone, the
+    rewrite passes only those terms (or nothing), so the Tq × Tk mask is never built (16 GiB of bool at 128K tokens)
+    and the kernels run without a run-time check. Anything else is ``"opaque"``: passed whole and checked at run
+    time (`kernels.nsa.key_padding`)."""
+    if site.attn_mask is None:
+        return MaskPlan("")
+    if not isinstance(site.attn_mask, fx.Node):
+        return MaskPlan("opaque", why="not a graph value")
+    q, k = _val(site.q), _val(site.k)
+    if q is None or k is None:
+        return MaskPlan("opaque", why="no shape information on q/k")
+    Tq, Tk = _expr(q.shape[2]), _expr(k.shape[2])
+    root, _ = _unwrap(site.attn_mask)
+    terms, frontier, causal, keys = [], [root], False, []
+    while frontier:
+        n, _ = _unwrap(frontier.pop())
+        if isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target in _AND \
+                and len(n.args) == 2 and all(isinstance(a, fx.Node) and _val(a) is not None
+                                             and _val(a).dtype == torch.bool for a in n.args):
+            frontier.extend(n.args)
+            continue
+        terms.append(n)
+    for t in terms:
+        v = _val(t)
+        if not isinstance(t, fx.Node) or v is None:
+            return MaskPlan("opaque", why=f"mask term {t} has no shape information")
+        if _target_is(t, {"new_ones", torch.ones_like, "ones_like"}) and v.dtype == torch.bool:
+            continue  # transformers starts its AND chain from a True scalar
+        if _is_causal_relation(t, Tq, Tk):
+            causal = True
+            continue
+        if v.dtype == torch.bool and (v.dim() < 2 or v.shape[-2] == 1) and (v.dim() < 3 or v.shape[-3] == 1):
+            keys.append(t)  # one value per (batch, key): broadcasts over heads and queries
+            continue
+        return MaskPlan("opaque", why=f"mask term {t.name} is neither causal nor per key")
+    if not causal:
+        return MaskPlan("opaque", why="no causal term found")
+    return MaskPlan("causal+keys", tuple(keys)) if keys else MaskPlan("causal")

@@ -87,7 +87,7 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
         with graph.inserting_before(node):
             gates = graph.call_function(gate_forward, (env[site.hidden], gate.kind, gate.heads, gate.temperature,
                                                        tuple(config.gate_init), *gate_inputs))
-            attn_mask = env[site.attn_mask] if isinstance(site.attn_mask, fx.Node) else None
+            attn_mask = _op_mask(graph, env, site)
             out = graph.call_function(_nsa_op(config), (
                 env[site.q], env[site.k], env[site.v], gates, mask, attn_mask, scale, config.block_size,
                 config.block_stride, config.selection_block_size, config.top_n, config.window_size))
@@ -102,6 +102,21 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
     graph.output(out_val)
     graph.lint()
     return Rewrite(fx.GraphModule(gm, graph), needs_runtime_mask, record_mask, params, sites=len(sites))
+
+
+def _op_mask(graph: fx.Graph, env: dict, site: AttentionSite) -> fx.Node | None:
+    """The ``attn_mask`` argument of the op for ``site`` (inserted before the op): none for a causal mask, the AND
+    of its per-key terms for causal + key padding, the whole mask otherwise (see `passes.attention.analyse_mask`).
+    A mask left without users is erased with the replaced attention."""
+    plan = site.mask
+    if plan is None or plan.kind in ("", "opaque"):
+        return env[site.attn_mask] if isinstance(site.attn_mask, fx.Node) else None
+    if plan.kind == "causal":
+        return None
+    out = env[plan.keys[0]]
+    for key in plan.keys[1:]:
+        out = graph.call_function(torch.logical_and, (out, env[key]))
+    return out
 
 
 def _nsa_op(config: NSAConfig):

@@ -1,5 +1,6 @@
 """The graph passes on graphs captured by dynamo from toy modules: which attention is found, which video mask."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -89,3 +90,80 @@ def test_aten_forms_are_found():
         (site,) = find_attention_sites(gm)
         assert site.is_causal and site.q.op == "placeholder" and site.k.op == "placeholder"
         assert site.node.meta["val"].shape == (1, 4, 8, 16)  # the attention output, not the returned tuple
+
+
+# ------------------------------------------------------------------ attn_mask analysis (analyse_mask)
+def _masked_sdpa(mask_fn):
+    """SDPA of q [1, 2, Tq, 4] over k/v [1, 2, Tk, 4] with a mask built the way transformers builds it: positions
+    ``arange(n) + offset`` indexed into [1, 1, Tq, 1] / [1, 1, 1, Tk] and compared, ANDed with key padding."""
+
+    def f(q, k, v, pad):
+        Tq, Tk = q.shape[2], k.shape[2]
+        q_idx = (torch.arange(Tq) + (Tk - Tq))[None, None, :, None]
+        kv_idx = (torch.arange(Tk) + 0)[None, None, None, :]
+        mask = mask_fn(q_idx, kv_idx, pad).expand(1, -1, Tq, Tk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    return f
+
+
+MASKS = {
+    "causal": (lambda q, kv, pad: kv <= q, "causal"),
+    "causal, ge spelling": (lambda q, kv, pad: q >= kv, "causal"),
+    "causal, lt spelling": (lambda q, kv, pad: kv < q + 1, "causal"),
+    "causal + padding": (lambda q, kv, pad: (kv <= q) & pad[torch.arange(1)[:, None, None, None], kv], "causal+keys"),
+    "off by one": (lambda q, kv, pad: kv <= q + 1, "opaque"),
+    "sliding window": (lambda q, kv, pad: (kv <= q) & (kv > q - 3), "opaque"),
+    "bidirectional padding": (lambda q, kv, pad: pad[torch.arange(1)[:, None, None, None], kv], "opaque"),
+}
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("Tq,Tk", [(8, 8), (1, 9), (3, 9)])
+@pytest.mark.parametrize("name", list(MASKS))
+def test_mask_analysis_reads_how_the_mask_is_built(name, Tq, Tk, dynamic):
+    fn, expected = MASKS[name]
+    q, k = torch.randn(1, 2, Tq, 4), torch.randn(1, 2, Tk, 4)
+    pad = torch.rand(1, Tk) > 0.3
+    graphs = []
+
+    def rec(gm, ex):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(_masked_sdpa(fn), backend=rec, fullgraph=True, dynamic=dynamic)(q, k, k, pad)
+    (site,) = find_attention_sites(graphs[0])
+    if Tq == 1 and name == "sliding window":
+        expected = "causal+keys"  # one query: the window term varies over keys alone
+    assert site.mask.kind == expected, site.mask
+
+
+def test_mask_analysis_keeps_the_model_output():
+    """The rewritten tiny Qwen2.5-VL text model gives the same output whether its padded causal mask is reduced to
+    its per-key terms (the pass) or passed whole (analysis off)."""
+    from unittest import mock
+
+    import nsa_compile
+    from nsa_compile import bench
+    from nsa_compile.passes import attention
+
+    model = bench.build_text_model(bench.TINY_TEXT, "cpu", torch.float32)
+    emb, video = bench.make_inputs(200, 128, "cpu", torch.float32)
+    pad = torch.ones(1, 200, dtype=torch.long)
+    pad[:, :5] = 0
+    cfg = nsa_compile.NSAConfig.preset("videonsa", block_size=16, block_stride=16, selection_block_size=16, top_n=2,
+                                       window_size=32)
+    outs, kinds = [], []
+    for off in (False, True):
+        torch._dynamo.reset()
+        with mock.patch.object(attention, "analyse_mask", (lambda s: attention.MaskPlan(
+                "opaque", why="off") if s.attn_mask is not None else attention.MaskPlan("")) if off
+                else attention.analyse_mask):
+            fn = nsa_compile.compile(model, cfg)
+            with nsa_compile.video_mask(video), torch.no_grad():
+                outs.append(fn(inputs_embeds=emb, attention_mask=pad).last_hidden_state[:, 5:])
+        kinds.append({s.mask for s in fn.nsa_report.sites})
+    assert kinds[0] == {"causal+keys"} and kinds[1] == {"opaque: off"}
+    err = (outs[0] - outs[1]).norm() / outs[1].norm()
+    assert torch.isfinite(outs[0]).all() and err <= 1e-5, err
