@@ -240,10 +240,14 @@ def run_length(mode: Mode, T: int, hidden: int, dtype, steps: int, repeat: int, 
             return row
         cache, row["prefill_s"], row["peak_bytes"] = res
         row["prefill_compiled_graphs"] = mode.compiled_graphs() - graphs  # > 0: the time includes compilation
+        report = getattr(mode.fn, "nsa_report", None)
+        if report is not None:  # what each site's attn_mask became (``opaque`` masks are checked at run time)
+            row["attn_masks"] = report.to_dict()["attn_masks"]
         if i < repeat - 1:
             del cache, res
         log(f"{mode.name} T={T}: prefill {row['prefill_s']:.3f} s, peak "
-            f"{(row['peak_bytes'] or 0) / 2**30:.1f} GiB" + (" (warm-up)" if i < repeat - 1 else ""))
+            f"{(row['peak_bytes'] or 0) / 2**30:.1f} GiB" + (" (warm-up)" if i < repeat - 1 else "")
+            + (f", attn_masks {row['attn_masks']}" if row.get("attn_masks") else ""))
     if steps:
         times, err = _attempt(lambda: mode.decode(cache, steps))
         if err:

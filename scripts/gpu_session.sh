@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# GPU checks in stages, each under the device tool's 10-minute limit; results go to $OUT (default ./gpu-out).
+#
+#   bash scripts/gpu_session.sh prepare   # on the CPU machine: download the wheels the GPU image lacks into .whl/
+#   bash scripts/gpu_session.sh STAGE     # on the GPU machine (the device tool's `run`, carry [".whl"])
+#
+# Stages (about the minutes each takes on an H100):
+#   tests   GPU tests of kernels, decode, e2e and reliability (not the slow 256K one)      ~8
+#   long    the 256K × 64-head test and the 32K / 128K chunked-reference tests               ~6
+#   fuzz    1000 fuzzed cases against the reference (stops checking new ones after 500 s)   ~9
+#   attn    benchmarks/attention.py, shapes A and B, 8K-128K, dense on PyTorch's fastest backend, fla-core ~8
+#   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
+#   probe   the longest video each mode fits in (fit probe)                                 ~9
+set -uo pipefail
+cd "$(dirname "$0")/.."
+stage=${1:?stage: prepare tests long fuzz attn e2e probe}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+
+if [ "$stage" = prepare ]; then
+  mkdir -p .whl
+  pip download -q --no-deps -d .whl fla-core==0.6.0 einops scikit-video
+  pip download -q --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl av
+  ls -la .whl
+  exit 0
+fi
+
+# the GPU image has torch, triton, transformers; PyAV, scikit-video and fla-core come from the carried wheels
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
+  | tee -a "$OUT/gpu.txt"
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs"
+
+case "$stage" in
+  tests)
+    timeout 560 $PYTEST -m "gpu and not slow" --junitxml="$OUT/tests.xml" \
+      tests/kernels/test_nsa_triton.py tests/kernels/test_decode.py tests/test_e2e.py tests/test_reliability.py \
+      -k "not long_against_chunked" 2>&1 | tail -60 | tee "$OUT/tests.txt" ;;
+  long)
+    timeout 560 $PYTEST -m gpu --junitxml="$OUT/long.xml" tests/kernels/test_nsa_triton.py tests/test_reliability.py \
+      -k "long_against_chunked or long_context" 2>&1 | tail -40 | tee "$OUT/long.txt" ;;
+  fuzz)
+    NSA_FUZZ_EXAMPLES=1000 NSA_FUZZ_MAX_SECONDS=500 NSA_FUZZ_REPORT="$OUT/fuzz.json" \
+      timeout 580 $PYTEST -s tests/kernels/test_fuzz.py 2>&1 | tail -40 | tee "$OUT/fuzz.txt" ;;
+  attn)
+    timeout 580 python3 benchmarks/attention.py --tokens 8192 16384 32768 65536 131072 --shape A B \
+      --dense-backend auto --out "$OUT/attention.md" 2>&1 | tail -60 | tee "$OUT/attn.txt" ;;
+  e2e)
+    timeout 580 python3 -m nsa_compile.bench --tokens 32768 131072 --decode-steps 8 \
+      --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -60 | tee "$OUT/e2e.txt" ;;
+  probe)
+    timeout 580 python3 -m nsa_compile.bench --probe-only --probe-budget-s 250 \
+      --json "$OUT/probe.json" 2>&1 | tail -40 | tee "$OUT/probe.txt" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
