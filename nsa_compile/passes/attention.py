@@ -260,28 +260,26 @@ def _same(a, b) -> bool:
 
 
 def _unwrap(node):
-    """Follow shape-preserving wrappers (``.to``, ``expand``, full slices, ``where(m, 0, very negative)``) down to
-    the boolean expression they carry; returns (node, additive) where additive says a float mask was unwrapped."""
-    additive = False
+    """Follow value-preserving wrappers (``.to`` / ``contiguous`` without a dtype change, ``expand``, full slices)
+    and an additive form ``where(m, 0, very negative)`` down to the boolean mask they carry."""
     while isinstance(node, fx.Node) and node.op in ("call_function", "call_method"):
         out, first = _val(node), node.args[0] if node.args else None
         src = _val(first) if isinstance(first, fx.Node) else None
         if node.target in _PASS_THROUGH or node.target == "expand" or (
                 node.target is operator.getitem and isinstance(node.args[1], tuple)
-                and all(isinstance(s, slice) or s is Ellipsis for s in node.args[1])):
-            if out is None or src is None or (node.target != "expand" and tuple(out.shape) != tuple(src.shape)):
-                return node, additive
-            if node.target in ("to", "bool") and out.dtype != src.dtype and out.dtype != torch.bool:
-                return node, additive
+                and all((isinstance(s, slice) and s.step in (None, 1)) or s is Ellipsis for s in node.args[1])):
+            if out is None or src is None or out.dtype != src.dtype or (
+                    node.target != "expand" and tuple(out.shape) != tuple(src.shape)):
+                return node
             node = first
             continue
-        if node.target is torch.where and len(node.args) == 3:
+        if node.target is torch.where and len(node.args) == 3 and out is not None and out.dtype.is_floating_point:
             zero, neg = _scalar(node.args[1]), _scalar(node.args[2])
             if zero == 0.0 and neg is not None and neg <= -1e4:
-                node, additive = first, True
+                node = first
                 continue
-        return node, additive
-    return node, additive
+        return node
+    return node
 
 
 def _scalar(x) -> float | None:
@@ -365,10 +363,10 @@ def analyse_mask(site: AttentionSite) -> MaskPlan:
     if q is None or k is None:
         return MaskPlan("opaque", why="no shape information on q/k")
     Tq, Tk = _expr(q.shape[2]), _expr(k.shape[2])
-    root, _ = _unwrap(site.attn_mask)
+    root = _unwrap(site.attn_mask)
     terms, frontier, causal, keys = [], [root], False, []
     while frontier:
-        n, _ = _unwrap(frontier.pop())
+        n = _unwrap(frontier.pop())
         if isinstance(n, fx.Node) and n.op in ("call_function", "call_method") and n.target in _AND \
                 and len(n.args) == 2 and all(isinstance(a, fx.Node) and _val(a) is not None
                                              and _val(a).dtype == torch.bool for a in n.args):

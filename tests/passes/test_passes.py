@@ -112,6 +112,8 @@ MASKS = {
     "causal, ge spelling": (lambda q, kv, pad: q >= kv, "causal"),
     "causal, lt spelling": (lambda q, kv, pad: kv < q + 1, "causal"),
     "causal + padding": (lambda q, kv, pad: (kv <= q) & pad[torch.arange(1)[:, None, None, None], kv], "causal+keys"),
+    "causal, additive (eager attention)": (lambda q, kv, pad: torch.where(kv <= q, 0.0, -3.0e38), "causal"),
+    "additive made bool": (lambda q, kv, pad: torch.where(kv > q, 0.0, -1e9).bool(), "opaque"),
     "off by one": (lambda q, kv, pad: kv <= q + 1, "opaque"),
     "sliding window": (lambda q, kv, pad: (kv <= q) & (kv > q - 3), "opaque"),
     "bidirectional padding": (lambda q, kv, pad: pad[torch.arange(1)[:, None, None, None], kv], "opaque"),
