@@ -11,7 +11,7 @@ import torch
 from nsa_compile import NSAConfig
 from nsa_compile.kernels import NSAInputError, nsa_attention, nsa_reference
 from nsa_compile.kernels import decode as dec
-from tests.kernels.test_nsa import dense_causal, make, rel, spans
+from tests.kernels.test_nsa import dense_causal, make, naive_blocks, rel, spans
 
 triton = pytest.importorskip("triton")
 # The kernel and op tests run on the GPU where there is one (same tolerances), else under the Triton interpreter.
@@ -43,19 +43,7 @@ def naive_sparse(q, k, v, gates, video, cfg):
 
     for b in range(B):
         vid = video[b].tolist()
-        span_list, j = [], 0
-        while j < Tk:
-            if vid[j]:
-                e = j
-                while e + 1 < Tk and vid[e + 1]:
-                    e += 1
-                span_list.append((j, e))
-                j = e + 1
-            else:
-                j += 1
-        cblocks = [(s + c * d, s + c * d + l - 1) for s, e in span_list for c in range((e - s + 1) // d + 1)
-                   if s + c * d + l - 1 <= e]
-        sblocks = [(s + c, min(s + c + ls - 1, e)) for s, e in span_list for c in range(0, e - s + 1, ls)]
+        cblocks, sblocks = naive_blocks(vid, l, d, ls)
         for hk in range(Hkv):
             kk, vv = k[b, hk], v[b, hk]
             kc = torch.stack([kk[a:z + 1].mean(0) for a, z in cblocks]) if cblocks else None

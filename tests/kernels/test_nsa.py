@@ -45,6 +45,26 @@ def dense_causal(q, k, v, bias=None):
     return torch.softmax(s, -1) @ v
 
 
+def naive_blocks(video: list[bool], l: int, d: int, ls: int):
+    """(compression blocks, selection blocks) as inclusive (first, last) key positions, per video span of the
+    per-position flags ``video``: compression blocks of l keys every d that fit in their span, selection blocks of
+    ls keys (the last one of a span shorter)."""
+    span_list, j, T = [], 0, len(video)
+    while j < T:
+        if video[j]:
+            e = j
+            while e + 1 < T and video[e + 1]:
+                e += 1
+            span_list.append((j, e))
+            j = e + 1
+        else:
+            j += 1
+    cblocks = [(s + c * d, s + c * d + l - 1) for s, e in span_list for c in range((e - s + 1) // d + 1)
+               if s + c * d + l - 1 <= e]
+    sblocks = [(s + c, min(s + c + ls - 1, e)) for s, e in span_list for c in range(0, e - s + 1, ls)]
+    return cblocks, sblocks
+
+
 def naive_nsa(q, k, v, gates, vm, cfg):
     """One query at a time, straight from the README's semantics (slow; small shapes only)."""
     B, Hq, Tq, D = q.shape
@@ -62,19 +82,7 @@ def naive_nsa(q, k, v, gates, vm, cfg):
 
     for b in range(B):
         video = [False] * (Tk - vm.shape[1]) + vm[b].tolist()
-        span_list, j = [], 0
-        while j < Tk:
-            if video[j]:
-                e = j
-                while e + 1 < Tk and video[e + 1]:
-                    e += 1
-                span_list.append((j, e))
-                j = e + 1
-            else:
-                j += 1
-        cblocks = [(s + c * d, s + c * d + l - 1) for s, e in span_list for c in range((e - s + 1) // d + 1)
-                   if s + c * d + l - 1 <= e]
-        sblocks = [(s + c, min(s + c + ls - 1, e)) for s, e in span_list for c in range(0, e - s + 1, ls)]
+        cblocks, sblocks = naive_blocks(video, l, d, ls)
         for hk in range(Hkv):
             kk, vv = k[b, hk], v[b, hk]
             kc = torch.stack([kk[a:z + 1].mean(0) for a, z in cblocks]) if cblocks else None
