@@ -27,6 +27,8 @@ from torch import fx, nn
 
 from .config import NSAConfig
 from .gates import install_gate
+from .kernels.common import NSAStrictError
+from .kernels.nsa import strict_kernels
 from .passes.attention import _val, find_attention_sites, skip_reason
 from .passes.rewrite import Rewrite, rewrite_graph
 from .passes.video_mask import find_video_mask
@@ -46,11 +48,6 @@ _SLOT = _MaskSlot()
 
 class VideoMaskMissing(RuntimeError):
     """A rewritten graph ran before any video mask was recorded for this forward."""
-
-
-class NSAStrictError(RuntimeError):
-    """``NSAConfig(strict=True)``: something would have fallen back to dense attention (or, on CUDA, to the
-    reference instead of the Triton kernels); the message names what and why."""
 
 
 def record_video_mask(mask: torch.Tensor, kind: str = "merge") -> None:
@@ -319,7 +316,8 @@ class NSABackend:
             _graph_ran(self)
             extras = [current_video_mask()] if rw.needs_runtime_mask else []
             extras += params
-            out = compiled(*args, *extras)  # dynamo's calling convention: unboxed
+            with strict_kernels(self.config.strict):
+                out = compiled(*args, *extras)  # dynamo's calling convention: unboxed
             mask = extras[0] if rw.needs_runtime_mask else None
             if rw.records_mask:
                 mask = out[-1]

@@ -73,7 +73,8 @@ class NSAConfig:
             reason, instead of a warning: an attention site that stays dense (unsupported head dim or dtype, video
             tokens not identifiable, module not reachable), a sequence without video tokens, a call that ran no
             graph compiled by the backend (dynamo ran it eagerly), and, on CUDA, a site whose op would run the
-            plain-PyTorch reference instead of the Triton kernels (``attn_mask``, head dim, dtype). Vision-encoder
+            plain-PyTorch reference instead of the Triton kernels (head dim, dtype at compile time; an
+            ``attn_mask`` that is more than key padding when the graph runs). Vision-encoder
             and bidirectional attention are never NSA sites and stay allowed. Default False.
     """
 

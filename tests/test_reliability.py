@@ -284,6 +284,26 @@ def test_strict_mode_on_cuda_refuses_the_reference_fallback():
     assert "plain-PyTorch reference instead of the Triton kernels: head dim" in str(err)
 
 
+def test_strict_mode_refuses_a_mask_that_would_send_a_kernel_call_to_the_reference(monkeypatch):
+    """Masks are read at run time (the pass passes those it cannot prove causal whole): inside the backend's
+    `strict_kernels` context a mask that is more than key padding raises, outside it warns and runs the reference.
+    ``use_triton`` is forced true here, as on a CUDA device, so the route is taken on CPU."""
+    from nsa_compile.kernels import nsa as nsa_op
+    monkeypatch.setattr(nsa_op, "use_triton", lambda q, m, v=None: True)
+    monkeypatch.setattr(nsa_op, "_warned_mask", False)
+    q = torch.randn(1, 2, 6, 16)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    hole = causal.clone()
+    hole[4, 1] = False  # a per-query hole: not key padding
+    with nsa_op.strict_kernels(True):
+        route, key_valid = nsa_op._route(q, q, q, causal)  # key padding (here none): the kernels, strict or not
+    assert route and key_valid.all()
+    with nsa_op.strict_kernels(True), pytest.raises(NSAStrictError, match="would run the NSA reference"):
+        nsa_op._route(q, q, q, hole)
+    with pytest.warns(UserWarning, match="runs the NSA reference"):
+        assert nsa_op._route(q, q, q, hole) == (False, None)
+
+
 # ------------------------------------------------------------------------------------------------ recompiles
 def _rewritten_graphs(report) -> int:
     return sum(any(s.status == "rewritten" for s in g.sites) for g in report.graphs)

@@ -29,6 +29,11 @@ class NSAInputError(ValueError):
     """Inputs the NSA op cannot take; the message names the limit and the way out."""
 
 
+class NSAStrictError(RuntimeError):
+    """``NSAConfig(strict=True)``: something would have fallen back to dense attention (or, on CUDA, to the
+    reference instead of the Triton kernels); the message names what and why."""
+
+
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor) -> None:
     """Validate shapes, dtypes and devices of the NSA op's inputs.
 

@@ -10,14 +10,16 @@ says so and the reference elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import threading
 import warnings
 
 import torch
 from torch import Tensor
 
-from .common import NSAInputError, causal_attention, check_inputs, key_bias, video_layout
+from .common import NSAInputError, NSAStrictError, causal_attention, check_inputs, key_bias, video_layout
 from .compression import compression_reference
 from .selection import select_blocks, selection_reference
 from .sliding_window import sliding_window_reference
@@ -149,14 +151,38 @@ def use_triton(q: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> 
 _warned_mask = False
 
 
+_STRICT = threading.local()
+
+
+@contextlib.contextmanager
+def strict_kernels(on: bool = True):
+    """Within this context (the backend enters it around each compiled graph of an ``NSAConfig(strict=True)``
+    model), a call that would run the reference on CUDA because of its ``attn_mask`` raises `NSAStrictError`
+    instead of warning."""
+    prev = getattr(_STRICT, "on", False)
+    _STRICT.on = on
+    try:
+        yield
+    finally:
+        _STRICT.on = prev
+
+
 def _route(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> tuple[bool, Tensor | None]:
-    """(run the Triton kernels?, key validity of ``attn_mask`` for them)."""
+    """(run the Triton kernels?, key validity of ``attn_mask`` for them).
+
+    Raises:
+        NSAStrictError: inside `strict_kernels`, when the mask sends a CUDA call to the reference.
+    """
     global _warned_mask
     if not use_triton(q, None, v):
         return False, None
     if attn_mask is None:
         return True, None
     key_valid = key_padding(attn_mask, q.shape[0], q.shape[2], k.shape[2])
+    if key_valid is None and getattr(_STRICT, "on", False):
+        raise NSAStrictError("nsa-compile: an attn_mask that does more than causal key padding (per-head or "
+                             "per-query differences, finite biases) would run the NSA reference instead of the "
+                             "Triton kernels (NSAConfig.strict)")
     if key_valid is None and not _warned_mask:
         _warned_mask = True
         warnings.warn("nsa-compile: an attn_mask that does more than causal key padding (per-head or per-query "
