@@ -349,9 +349,9 @@ def _is_causal_relation(node, Tq, Tk) -> bool:
 
 
 def analyse_mask(site: AttentionSite) -> MaskPlan:
-    """Read the graph that builds ``site.attn_mask``: transformers ≥ 5 materialises a [B, 1, Tq, Tk] mask under
-    dynamo (``kv_idx <= q_idx``, AND the padding mask indexed per key) that the NSA op does not need, since it is
-    causal by construction. When the mask is provably causal attention AND terms that depend on the key alone, the
+    """Read the graph that builds ``site.attn_mask``. Under dynamo, transformers (5.17 at least; `masking_utils.
+    sdpa_mask`) materialises a [B, 1, Tq, Tk] mask (``kv_idx <= q_idx``, AND the padding mask indexed per key) that
+    the NSA op does not need, since it is causal by construction. When the mask is provably causal attention AND terms that depend on the key alone, the
     rewrite passes only those terms (or nothing), so the Tq × Tk mask is never built (16 GiB of bool at 128K tokens)
     and the kernels run without a run-time check. Anything else is ``"opaque"``: passed whole and checked at run
     time (`kernels.nsa.key_padding`)."""
