@@ -15,7 +15,7 @@ a dtype-dependent relative margin of a tie are excluded from the row-wise compar
 any exists, dk / dv (sums over rows) are not compared for that case; the counts are reported. Inputs are random
 normals, so exact ties only occur between blocks of zero score, which both sides break alike (earlier block).
 
-Where it runs: on CPU under the Triton interpreter (fp32, fp16; small shapes; ``NSA_FUZZ_EXAMPLES``, default 15,
+Where it runs: on CPU under the Triton interpreter (fp32, fp16; small shapes; ``NSA_FUZZ_EXAMPLES``, default 10,
 about a minute on 2 cores); on a CUDA machine on the GPU (fp16, bf16; larger shapes; default 1000 examples).
 ``NSA_FUZZ_SEED=N`` draws a different, reproducible set (default: hypothesis' derandomized set, the same every
 run); ``NSA_FUZZ_HEAD_DIMS=64,128`` restricts the head dims (default: 16, 24, 32 on CPU; 16 … 256 with 80 and 96
@@ -55,7 +55,7 @@ except ImportError:  # an exact float32 order
 
 GPU = torch.cuda.is_available()
 DEVICE = "cuda" if GPU else "cpu"
-EXAMPLES = int(os.environ.get("NSA_FUZZ_EXAMPLES", "1000" if GPU else "15"))
+EXAMPLES = int(os.environ.get("NSA_FUZZ_EXAMPLES", "1000" if GPU else "10"))
 SEED = os.environ.get("NSA_FUZZ_SEED")
 TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 # Relative margin under which two block scores count as a near-tie that the kernel may order differently.

@@ -12,9 +12,9 @@ from nsa_compile.kernels.nsa_triton import nsa_triton_backward, nsa_triton_forwa
 
 CASES = {
     # name: (B, Hq, Hkv, Tq, Tk, D, video ranges per row, (l, d, l', n, w))
-    "B2-HQ6-H2-T100-two-spans": (2, 6, 2, 100, 100, 16, [[(10, 90)], [(0, 40), (50, 100)]], (16, 8, 16, 2, 24)),
+    "B2-HQ6-H2-T80-two-spans": (2, 6, 2, 80, 80, 16, [[(10, 70)], [(0, 34), (42, 80)]], (16, 8, 16, 2, 24)),
     "B1-HQ7-H1-T90-group7": (1, 7, 1, 90, 90, 16, [[(5, 85)]], (16, 16, 16, 3, 20)),
-    "B1-HQ4-H4-T70-group1-text-gaps": (1, 4, 4, 70, 70, 32, [[(3, 20), (30, 33), (40, 69)]], (8, 4, 8, 2, 10)),
+    "B1-HQ4-H4-T56-group1-text-gaps": (1, 4, 4, 56, 56, 32, [[(3, 18), (24, 27), (32, 55)]], (8, 4, 8, 2, 10)),
     "B1-HQ16-H1-T50-group16": (1, 16, 1, 50, 50, 16, [[(0, 50)]], (8, 8, 16, 1, 12)),
     "B2-HQ6-H2-Tq20-Tk90-cache": (2, 6, 2, 20, 90, 16, [[(0, 90)], [(30, 80)]], (16, 16, 16, 2, 16)),
     "B1-HQ4-H2-T40-no-video": (1, 4, 2, 40, 40, 16, [[]], (16, 16, 16, 2, 16)),
@@ -185,9 +185,9 @@ def test_key_padding_masks_reach_the_kernels():
     and the Triton path with it matches the reference with the mask; any other mask is refused (reference)."""
     from nsa_compile.kernels.nsa import key_padding
 
-    B, Hq, Hkv, T, D = 2, 6, 2, 80, 16
+    B, Hq, Hkv, T, D = 2, 6, 2, 64, 16
     q, k, v, gates = make(B, Hq, Hkv, T, T, D=D, dtype=torch.float32, seed=3)
-    vm = spans(B, T, [[(10, 70)], [(16, 80)]])
+    vm = spans(B, T, [[(10, 56)], [(16, 64)]])
     pad = torch.ones(B, T, dtype=torch.bool)
     pad[1, :9] = False  # row 1 left-padded by 9 tokens
     causal = torch.ones(T, T, dtype=torch.bool).tril()
