@@ -8,6 +8,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Under pytest-xdist (`-n 2`) each worker takes one core's worth of threads, so the workers do not oversubscribe.
+if os.environ.get("PYTEST_XDIST_WORKER") and torch.get_num_threads() > 1:
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 from nsa_compile.backend import _SLOT  # noqa: E402
 
 
