@@ -469,9 +469,9 @@ def _selection_csr(plan: SegmentPlan, q_shape, Hkv: int, n_tiles: int, BLOCK_T: 
 
 @triton.jit
 def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, skh, skt,
-          Tq, Tk, Nc, Ns, scale,
+          Tq, Tk, Nc, Ns, W, scale,
           G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-          W: tl.constexpr, D: tl.constexpr, N: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr):
+          D: tl.constexpr, N: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr):
     """Top-N selection blocks per position of a tile. A block's score is Σ over the group's heads and over the
     compression blocks overlapping it of exp(q·k_c·scale − lse) (NSA eqs. 8-10); candidates are the first
     NCAND[position] blocks (those ending before the position's own block). Order: higher score, then lower id,
@@ -496,7 +496,7 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
         first = tl.load(FIRST + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
         width = tl.load(WIDTH + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
         score = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
-        for w in tl.static_range(W):
+        for w in range(0, W):  # a loop, not unrolled: W reaches l′/d + 1 (e.g. 129 for d = 1)
             c = first + w
             c_ok = (w < width) & (c < Nc)
             kc = tl.load(k_base + c[:, None].to(tl.int64) * skt + d[None, :], mask=c_ok[:, None], other=0.0)
@@ -548,10 +548,12 @@ def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float)
     ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
     out = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32, device=q.device)
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
+    if D > 128:  # a [rows, D] query tile of half the rows keeps head dim 256 inside the H100's shared memory
+        BLOCK_T = max(1, BLOCK_T // 2)
     BLOCK_S = max(16, triton.next_power_of_2(n))
     _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
         q, k_cmp, lse_cmp, kend, first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(),
-        ncand.to(torch.int32).contiguous(), need, out, *q.stride()[:3], *k_cmp.stride()[:3], Tq, Tk, Nc, Ns,
-        scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, W=W, D=D, N=n, ID_BITS=key_id_bits(Ns),
+        ncand.to(torch.int32).contiguous(), need, out, *q.stride()[:3], *k_cmp.stride()[:3], Tq, Tk, Nc, Ns, W,
+        scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, D=D, N=n, ID_BITS=key_id_bits(Ns),
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=1 if q.dtype == torch.float32 else 2)
     return torch.where(need.bool()[:, None, :, None], out, -1)

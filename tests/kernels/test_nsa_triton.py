@@ -111,16 +111,54 @@ def test_triton_gpu_against_reference(dtype, case):
     assert errs["same selection"] > 0.95 and all(e <= 1e-2 for n, e in errs.items() if n != "same selection"), errs
 
 
+def check_chunk(out, selected, q, k, v, gates, vm, c0, c1, scale, params, tie=1e-2):
+    """Queries c0 … c1−1 of a long half-precision forward against the fp32 reference computed on that chunk alone
+    (causality: it needs only the keys before c1).
+
+    ``selected``: long [B, Hkv, T, n] the kernels' top-n block ids (−1: none). A video row whose selection differs
+    from the reference's must be a near tie: it picked as many blocks, each with a reference score within ``tie``
+    (relative) of the reference's n-th best; otherwise the test fails. The output is compared on the rows whose
+    selections agree (≤ 1e-2). Returns bool [B, Hkv, c1−c0]: the rows that agree (text rows count as agreeing)."""
+    from nsa_compile.kernels.common import video_layout
+    from nsa_compile.kernels.compression import compression_reference
+    from nsa_compile.kernels.selection import _block_scores, select_block_ids
+
+    l, d, ls, n, _ = params
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    G, C = Hq // Hkv, c1 - c0
+    ref = nsa_reference(q[:, :, c0:c1].float(), k[:, :, :c1].float(), v[:, :, :c1].float(),
+                        gates[:, :, c0:c1].float(), vm[:, :c1], None, scale, *params)
+    layout = video_layout(vm, T, l, d, ls)
+    pos = torch.arange(c0, c1, device=q.device)
+    _, p = compression_reference(q[:, :, c0:c1].float().reshape(B, Hkv, G, C, D), k.float(), v.float(), layout,
+                                 scale, positions=pos)
+    ref_ids = select_block_ids(p, layout, pos, n)  # [B, Hkv, C, n']
+    ours = selected[:, :, c0:c1, :ref_ids.shape[-1]].long()
+    ours = torch.where(ours < 0, -1, ours)
+    video = layout.is_video[:, None, c0:c1]  # [B, 1, C]
+    same = (ours.sort(-1).values == ref_ids.sort(-1).values).all(-1) | ~video
+    candidate = layout.sel_block_end[:, None, :] < layout.sel_start[:, pos][:, :, None]  # [B, C, Ns]
+    scores = torch.where(candidate[:, None], _block_scores(p.sum(2), layout), -1.0)  # [B, Hkv, C, Ns]
+    nth = scores.sort(-1, descending=True).values[..., ref_ids.shape[-1] - 1]  # the reference's n-th best
+    picked = scores.gather(-1, ours.clamp_min(0))
+    near = (((picked >= nth[..., None] * (1 - tie)) | (ours < 0)).all(-1)
+            & ((ours >= 0).sum(-1) == (ref_ids >= 0).sum(-1)))
+    unexplained = ~same & ~near
+    assert not unexplained.any(), (f"queries {c0}…{c1 - 1}: {int(unexplained.sum())} rows select other blocks than "
+                                   f"the reference, not near ties (first at {unexplained.nonzero()[0].tolist()})")
+    rows = same.repeat_interleave(G, 1)
+    err = rel(out[:, :, c0:c1].float()[rows], ref[rows])
+    assert same.float().mean() > 0.8 and err <= 1e-2, (c0, c1, same.float().mean().item(), err)
+    return same
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [32768, 131072])
 def test_triton_gpu_long_against_chunked_reference(T):
     """Qwen2.5-VL-7B's attention shape at 32K and 128K tokens (bf16, videonsa): the forward against the fp32
-    reference on query chunks spread over the sequence (the reference of a chunk needs only the keys up to its
-    end)."""
+    reference on query chunks spread over the sequence (`check_chunk`: selections equal up to near ties)."""
     from nsa_compile import NSAConfig
-    from nsa_compile.kernels.common import video_layout
-    from nsa_compile.kernels.compression import compression_reference
-    from nsa_compile.kernels.selection import select_block_ids
 
     cfg = NSAConfig.preset("videonsa")
     C = 512
@@ -136,22 +174,9 @@ def test_triton_gpu_long_against_chunked_reference(T):
     with torch.no_grad():
         out = nsa_triton_forward(q, k, v, gates, vm, 128 ** -0.5, *params, _keep=keep)
         assert not torch.isnan(out).any()
-        ours = keep["branches"]["selection"][0].selected.long()  # [1, 4, T, n]
-        layout = video_layout(vm, T, cfg.block_size, cfg.block_stride, cfg.selection_block_size)
+        ours = keep["branches"]["selection"][0].selected  # [1, 4, T, n]
         for c1 in (C, 8 * C, T // 2 + 77, T - 3 * C, T):
-            c0 = c1 - C
-            ref = nsa_reference(q[:, :, c0:c1].float(), k[:, :, :c1].float(), v[:, :, :c1].float(),
-                                gates[:, :, c0:c1].float(), vm[:, :c1], None, None, *params)
-            # rows where the bf16 kernels and the fp32 reference pick the same blocks (near ties may flip)
-            pos = torch.arange(c0, c1, device="cuda")
-            _, p_cmp = compression_reference(q[:, :, c0:c1].float().reshape(1, 4, 7, C, 128), k.float(), v.float(),
-                                             layout, 128 ** -0.5, positions=pos)
-            ref_ids = select_block_ids(p_cmp, layout, pos, cfg.top_n)
-            same = (ours[:, :, c0:c1].sort(-1).values == ref_ids.sort(-1).values).all(-1)  # [1, 4, C]
-            same |= ~vm[:, None, c0:c1]  # text rows attend densely: no selection to compare
-            rows = same.repeat_interleave(7, 1)
-            err = rel(out[:, :, c0:c1].float()[rows], ref[rows])
-            assert same.float().mean() > 0.95 and err <= 1e-2, (c0, c1, same.float().mean().item(), err)
+            check_chunk(out, ours, q, k, v, gates, vm, c1 - C, c1, 128 ** -0.5, params)
 
 
 def same_selection(q, k, v, gates, vm, cfg):
