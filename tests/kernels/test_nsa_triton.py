@@ -240,3 +240,35 @@ def test_key_padding_masks_reach_the_kernels():
     bias[0, 0, 40, 3] = -1.0
     for m in (hole, heads, bias):
         assert key_padding(m, B, T, T) is None
+
+
+@pytest.mark.parametrize("D", [32, 256])
+def test_topn_kernel_loops_over_many_overlapping_compression_blocks(D):
+    """`select_topn` with stride 1, where each selection block overlaps l′ + l − 1 compression blocks (a long
+    run-time loop in the kernel; it once unrolled it and ran out of shared memory at head dim 256 on the H100),
+    against `select_block_ids` of the reference's compression probabilities (fp32, interpreter or GPU)."""
+    from nsa_compile.kernels.common import video_layout
+    from nsa_compile.kernels.compression import compress_kv, compression_reference
+    from nsa_compile.kernels.segment_attention import select_topn
+    from nsa_compile.kernels.selection import select_block_ids
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, Hq, Hkv, T, (l, d, ls, n) = 1, 4, 2, 40, (8, 1, 8, 3)
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, h, T, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
+    vm = torch.ones(B, T, dtype=torch.bool, device=device)
+    vm[:, :3] = False
+    scale = D ** -0.5
+    layout = video_layout(vm, T, l, d, ls)
+    k_cmp, _ = compress_kv(k, v, layout)
+    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
+    pos = torch.arange(T, device=device)
+    s = torch.einsum("bhtd,bhcd->bhtc", q, k_cmp.repeat_interleave(Hq // Hkv, 1)) * scale
+    lse = torch.where(kend[:, None, None, :] <= pos[None, None, :, None], s, float("-inf")).logsumexp(-1)
+    need = vm.to(torch.int8).contiguous()
+    ours = select_topn(q, k_cmp.contiguous(), lse.float().contiguous(), kend, layout, need, n, scale)
+    _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, T, D), k, v, layout, scale)
+    ref = torch.where(vm[:, None, :, None], select_block_ids(p, layout, pos, n), -1)
+    assert ours.shape == ref.shape
+    assert int((layout.cmp_block_end[0, 1:] - layout.cmp_block_start[0, 1:]).min()) == l - 1  # stride 1
+    assert torch.equal(ours.long().sort(-1).values, ref.sort(-1).values)
