@@ -355,6 +355,7 @@ def _worker(out: str) -> None:
                                                                           save_every=2, out_dir=f"{out}/{mode}"))
             trainer.train()
         torch.save(gate_state(model), f"{out}/{mode}_rank{rank}.pt")
+    dist.barrier()  # both ranks done before either tears gloo down (a rank once aborted in teardown under load)
     dist.destroy_process_group()
 
 
