@@ -169,14 +169,14 @@ def _dense_fn(q, k, v, backend: str = "flash"):
 
 
 def _fla():
-    """fla-core's ``parallel_nsa`` and version, or (None, None) when it is not installed."""
+    """fla-core's ``parallel_nsa`` and version, or (None, why) when it cannot be imported."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Flash Attention is not installed": only its window branch needs it
             import fla
             from fla.ops.nsa import parallel_nsa
-    except ImportError:
-        return None, None
+    except Exception as e:  # noqa: BLE001 -- not installed, or broken against this torch / triton: say which
+        return None, f"not importable ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
     return parallel_nsa, getattr(fla, "__version__", "?")
 
 
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
     import triton
 
     fla_api = _fla()
-    fla_version = fla_api[1] or "not installed"
+    fla_version = fla_api[1]
     t0 = time.perf_counter()
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
           f"fla-core {fla_version}, dense SDPA backend {args.dense_backend}", flush=True)
