@@ -5,7 +5,7 @@ Drawn: batch size, key length (shorter than a block, not a multiple of the block
 or the last queries of a KV cache), the part of the keys the video mask covers, GQA group (1–16), KV heads, head
 dim, dtype, config (block size, stride, selection block, top-n, window) and the layout of the video spans (none,
 all video, one span, several spans with text between them, spans shorter than a block, a different layout per
-batch row). Checked: the forward and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5
+batch row); keys i.i.d. normal or with a normal component shared by each selection block. Checked: the forward and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5
 (fp32), 1e-2 (fp16), 2e-2 (bf16), plus an absolute floor of tol/10 per element for results that are zero up to
 cancellation (inputs are O(1)); NaN fails.
 
@@ -125,13 +125,17 @@ def fuzz_case(draw) -> dict:
     rows = [draw(row_layout(Tm, l))]
     rows += [rows[0] if same else draw(row_layout(Tm, l)) for _ in range(B - 1)]
     seed = draw(st.integers(0, 2**31 - 1))
+    # keys i.i.d., or with a component shared by each selection block (as in video: block scores then differ
+    # clearly, so fewer rows are near ties and more of each case is compared)
+    structured = draw(st.booleans())
     return dict(dtype=dtype, B=B, Hkv=Hkv, G=G, D=D, Tq=Tq, Tk=Tk, Tm=Tm, rows=rows, seed=seed,
-                params=(l, d, ls, top_n, window))
+                structured=structured, params=(l, d, ls, top_n, window))
 
 
 def _describe(c: dict) -> str:
     rows = ["".join("v" if f else "." for f in r) for r in c["rows"]]
     return (f"{str(c['dtype'])[6:]} B={c['B']} Hkv={c['Hkv']} G={c['G']} D={c['D']} Tq={c['Tq']} Tk={c['Tk']} "
+            f"{'block-structured keys ' if c.get('structured') else ''}"
             f"Tm={c['Tm']} (l, d, l', n, w)={c['params']} seed={c['seed']} rows={rows}")
 
 
@@ -181,7 +185,11 @@ def check_case(c: dict) -> None:
     dtype, B, Hkv, G, D, Tq, Tk, Tm = (c[x] for x in ("dtype", "B", "Hkv", "G", "D", "Tq", "Tk", "Tm"))
     Hq = Hkv * G
     g = torch.Generator().manual_seed(c["seed"])
-    q, k, v = (torch.randn(B, h, t, D, generator=g).to(dtype) for h, t in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    q, k, v = (torch.randn(B, h, t, D, generator=g) for h, t in ((Hq, Tq), (Hkv, Tk), (Hkv, Tk)))
+    if c.get("structured"):
+        ls = c["params"][2]
+        k = k + torch.randn(B, Hkv, -(-Tk // ls), D, generator=g).repeat_interleave(ls, 2)[:, :, :Tk]
+    q, k, v = (x.to(dtype) for x in (q, k, v))
     gates = torch.rand(B, Hq, Tq, 3, generator=g).to(dtype)
     go = torch.randn(B, Hq, Tq, D, generator=g)
     vm = torch.tensor(c["rows"], dtype=torch.bool).reshape(B, Tm)
