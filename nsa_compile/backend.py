@@ -195,6 +195,8 @@ def _reference_reason(site) -> str:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
+    if q.dtype == torch.float32 and max(dims) > 128 and min(dims) >= 16:
+        return f"head dim {dims} in fp32 (the kernels take fp32 up to head dim 128; use bf16 or fp16)"
     return f"head dim {dims} outside what the kernels take"
 
 

@@ -601,3 +601,17 @@ def test_long_context_256k_tokens_64_heads_against_the_chunked_reference():
     if bool(same.all()):  # dk and dv sum over the rows: comparable when every row selects the same blocks
         for name, a, b in (("dk", dk[:, :, :i1], inputs[1].grad), ("dv", dv[:, :, :i1], inputs[2].grad)):
             assert rel(a.float(), b) <= 2e-2, name
+
+
+# ------------------------------------------------------------------------------------------------ hardware limits
+def test_fp32_above_head_dim_128_goes_to_the_reference():
+    """`scripts/check_kernels_sm90.py` found the fp32 backward tiles (and the fp32 decode kernel) at head dim 256
+    over an H100's shared memory: the op takes fp32 on the kernels only up to head dim 128."""
+    from nsa_compile.kernels.decode import use_decode_triton
+    from nsa_compile.kernels.nsa import max_head_dim, use_triton
+
+    assert max_head_dim(torch.float32) == 128 and max_head_dim(torch.bfloat16) == max_head_dim(torch.float16) == 256
+    if torch.cuda.is_available():
+        for dtype, D, ok in ((torch.float32, 128, True), (torch.float32, 256, False), (torch.bfloat16, 256, True)):
+            q = torch.zeros(1, 2, 4, D, device="cuda", dtype=dtype)
+            assert use_triton(q, None, q) is ok and use_decode_triton(q, q, q, None) is ok, (dtype, D)

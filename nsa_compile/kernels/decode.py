@@ -32,7 +32,7 @@ fingerprints are deduplicated). Never stale:
 Cached tokens the state never saw (earlier decode steps) are text. The store is bounded (``STATES.max_bytes``,
 LRU; evictions warn) and emptied by `clear_decode_states` (``nsa_compile.kernels.decode.clear_decode_states``).
 
-**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, no ``attn_mask``): three Triton kernels, no
+**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): three Triton kernels, no
 host sync, CUDA-graph capturable (`sparse_decode_triton`):
 
 1. ``_dec_cmp_kernel`` — grid (B·Hkv·Tq, S1): each program takes the G query heads of one GQA group at one query
@@ -362,14 +362,16 @@ def clear_decode_states() -> None:
 # ------------------------------------------------------------------------------------------------ the op body
 def use_decode_triton(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> bool:
     """The Triton decode kernels take CUDA tensors (or CPU ones under the interpreter when `INTERPRET_ON_CPU`) in
-    fp16 / bf16 / fp32 with one dtype, power-of-two head dims 16–256 and no ``attn_mask``."""
+    fp16 / bf16 / fp32 with one dtype, power-of-two head dims 16–256 (fp32: up to 128, shared memory) and no
+    ``attn_mask``."""
     if not HAS_TRITON or attn_mask is not None:
         return False
     if not (q.is_cuda or (INTERPRET_ON_CPU and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
-    return all(16 <= d <= 256 and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
+    top = 128 if q.dtype == torch.float32 else 256
+    return all(16 <= d <= top and d & (d - 1) == 0 for d in (q.shape[-1], v.shape[-1]))
 
 
 _warned: set[str] = set()

@@ -19,7 +19,8 @@ import warnings
 import torch
 from torch import Tensor
 
-from .common import NSAInputError, NSAStrictError, causal_attention, check_inputs, key_bias, video_layout
+from .common import (MAX_HEAD_DIM, NSAInputError, NSAStrictError, causal_attention, check_inputs, key_bias,
+                     video_layout)
 from .compression import compression_reference
 from .selection import select_blocks, selection_reference
 from .sliding_window import sliding_window_reference
@@ -132,14 +133,20 @@ def key_padding(attn_mask: Tensor, B: int, Tq: int, Tk: int, rows_per_check: int
     return key_valid
 
 
+def max_head_dim(dtype: torch.dtype) -> int:
+    """The largest head dim the Triton kernels take in ``dtype``: 256, or 128 for fp32 (shared memory)."""
+    return 128 if dtype == torch.float32 else MAX_HEAD_DIM
+
+
 def use_triton(q: Tensor, attn_mask: Tensor | None, v: Tensor | None = None) -> bool:
-    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 / fp32, head dims from 16 to 256 (those that
-    are not a power of two, e.g. 80 or 96, are zero-padded inside); an ``attn_mask`` must reduce to key padding
-    (`key_padding`, checked at run time). Everything else (CPU, fp64, head dims below 16, other masks) runs the
-    reference. ``attn_mask`` is not inspected here."""
+    """The op runs the Triton kernels for CUDA tensors in fp16 / bf16 up to head dim 256 and fp32 up to 128, from
+    head dim 16 (those that are not a power of two, e.g. 80 or 96, are zero-padded inside); an ``attn_mask`` must
+    reduce to key padding (`key_padding`, checked at run time). Everything else (CPU, fp64, head dims below 16,
+    fp32 above 128 — whose backward tiles exceed an H100's shared memory, `scripts/check_kernels_sm90.py` —, other
+    masks) runs the reference. ``attn_mask`` is not inspected here."""
     dims = (q.shape[-1],) + ((v.shape[-1],) if v is not None else ())
     if (not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
-            or any(d < 16 or d > 256 for d in dims)):
+            or any(d < 16 or d > max_head_dim(q.dtype) for d in dims)):
         return False
     try:
         import triton  # noqa: F401
