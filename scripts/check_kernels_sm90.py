@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMEM_LIMIT = 232448  # bytes of shared memory per block on an H100 (sm_90)
 
 
-def record(path: str, quick: bool) -> None:
+def record(path: str, quick: bool, head_dims: tuple[int, ...] | None = None) -> None:
     """Step 1 (under TRITON_INTERPRET=1): run the Triton path on small inputs and write the distinct launches."""
     import torch
     from triton.runtime.interpreter import InterpretedFunction
@@ -62,7 +62,7 @@ def record(path: str, quick: bool) -> None:
         return run(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = spy
-    dims = (256,) if quick else (16, 32, 64, 96, 128, 256)
+    dims = head_dims or ((256,) if quick else (16, 32, 64, 96, 128, 256))
     groups = ((1, 1), (2, 14)) if quick else ((1, 1), (2, 14), (1, 16))
     dtypes = (torch.float16, torch.float32) if quick else (torch.float16, torch.bfloat16, torch.float32)
     g = torch.Generator().manual_seed(0)
@@ -138,18 +138,20 @@ def compile_all(path: str, workers: int) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="head dim 256 only")
+    ap.add_argument("--head-dims", type=lambda x: tuple(int(d) for d in x.split(",")), help="e.g. 64,128")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--launches", help="compile the launches recorded in this file (skip step 1)")
     ap.add_argument("--record", help=argparse.SUPPRESS)  # internal: step 1's output
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     if args.record:
-        record(args.record, args.quick)
+        record(args.record, args.quick, args.head_dims)
         return 0
     if args.launches:
         return compile_all(args.launches, args.workers)
     path = os.path.join(tempfile.mkdtemp(), "launches.json")
-    step1 = [sys.executable, __file__, "--record", path] + (["--quick"] if args.quick else [])
+    step1 = [sys.executable, __file__, "--record", path] + (["--quick"] if args.quick else []) + (
+        ["--head-dims", ",".join(map(str, args.head_dims))] if args.head_dims else [])
     subprocess.run(step1, check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     print(f"launches recorded in {path}", flush=True)
