@@ -32,8 +32,8 @@ fingerprints are deduplicated). Never stale:
 Cached tokens the state never saw (earlier decode steps) are text. The store is bounded (``STATES.max_bytes``,
 LRU; evictions warn) and emptied by `clear_decode_states` (``nsa_compile.kernels.decode.clear_decode_states``).
 
-**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): three Triton kernels, no
-host sync, CUDA-graph capturable (`sparse_decode_triton`):
+**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): three
+Triton kernels, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
 
 1. ``_dec_cmp_kernel`` — grid (B·Hkv·Tq, S1): each program takes the G query heads of one GQA group at one query
    position (rows padded to ≥ 16 for ``tl.dot``) and a slice of the compressed blocks: logits (kept in a scratch
