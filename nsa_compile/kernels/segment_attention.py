@@ -327,13 +327,14 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
 
 
 # -------------------------------------------------------------------------------------------------- host side
-def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE):
+def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE, halve: bool = False):
     """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
-    fp32, for shared memory); the selection mode takes 16 rows, as few positions as ``tl.dot`` allows, because
-    every position reads its own blocks."""
+    fp32, for shared memory; half that with ``halve``, which the top-n kernel asks for above head dim 128); the
+    selection mode takes 16 rows, as few positions as ``tl.dot`` allows, because every position reads its own
+    blocks."""
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
-    rows = 16 if mode == SELECTION else 64 if dtype == torch.float32 else 128
+    rows = 16 if mode == SELECTION else (64 if dtype == torch.float32 else 128) // (2 if halve else 1)
     return G, GP, max(1, rows // GP)
 
 
@@ -547,9 +548,7 @@ def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float)
     own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
     ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
     out = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32, device=q.device)
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype)
-    if D > 128:  # a [rows, D] query tile of half the rows keeps head dim 256 inside the H100's shared memory
-        BLOCK_T = max(1, BLOCK_T // 2)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, halve=D > 128)  # head dim 256 within the H100's shared memory
     BLOCK_S = max(16, triton.next_power_of_2(n))
     _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
         q, k_cmp, lse_cmp, kend, first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(),
