@@ -41,6 +41,16 @@ def key_id_bits(num_blocks: int) -> int:
 
 
 @torch.no_grad()
+def candidate_scores(p_cmp: Tensor, layout: VideoLayout, positions: Tensor) -> Tensor:
+    """Selection-block scores of C queries (NSA eqs. 9-10: group-summed compression probabilities over the blocks'
+    overlapping compression blocks), −1 where a block is not a candidate (it does not end before the query's own
+    block starts). p_cmp: [B, Hkv, G, C, Nc]; positions: long [C]. Returns fp [B, Hkv, C, Ns]; candidates ≥ 0."""
+    scores = _block_scores(p_cmp.sum(2), layout)  # [B, Hkv, C, Ns]
+    own_start = layout.sel_start[:, positions]  # [B, C]
+    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, C, Ns]
+    return torch.where(candidate[:, None], scores, -1.0)
+
+
 def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_n: int) -> Tensor:
     """Top-n past video blocks of each query, shared by the heads of a GQA group.
 
@@ -52,9 +62,7 @@ def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_
         blocks that end before the query's own block starts; of equal scores (to 31 − ``key_id_bits(Ns)`` bits)
         the earlier block wins.
     """
-    scores = _block_scores(p_cmp.sum(2), layout)  # [B, Hkv, C, Ns]
-    own_start = layout.sel_start[:, positions]  # [B, C]
-    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, C, Ns]
+    scores = candidate_scores(p_cmp, layout, positions)  # [B, Hkv, C, Ns], −1: not a candidate
     # Order "higher score first, then earlier block": one 32-bit key per block, the float32 bits of the
     # non-negative score (monotonic) with the low `key_id_bits(Ns)` bits replaced by the reversed block id, so a
     # plain top-k is deterministic and the Triton kernel sorts int32 keys. Scores that agree in their top
@@ -63,7 +71,7 @@ def select_block_ids(p_cmp: Tensor, layout: VideoLayout, positions: Tensor, top_
     idb = key_id_bits(Ns)
     bits = scores.float().clamp_min(0).view(torch.int32).long()
     key = ((bits >> idb) << idb) + ((1 << idb) - 1 - torch.arange(Ns, device=scores.device))
-    key = torch.where(candidate[:, None], key, -1)
+    key = torch.where(scores >= 0, key, -1)
     n = min(top_n, Ns)
     top = key.topk(n, dim=-1).indices
     chosen = key.gather(-1, top) >= 0

@@ -45,7 +45,7 @@ from nsa_compile.kernels.common import video_layout  # noqa: E402
 from nsa_compile.kernels.compression import compression_reference  # noqa: E402
 from nsa_compile.kernels.nsa import nsa_reference  # noqa: E402
 from nsa_compile.kernels.nsa_triton import nsa_triton_backward, nsa_triton_forward  # noqa: E402
-from nsa_compile.kernels.selection import _block_scores  # noqa: E402
+from nsa_compile.kernels.selection import candidate_scores  # noqa: E402
 
 try:  # the top-n key keeps a score's top 31 − key_id_bits(Ns) bits: closer scores count as tied (earlier block)
     from nsa_compile.kernels.selection import key_id_bits  # noqa: E402
@@ -152,12 +152,10 @@ def near_tie_rows(q, k, v, vm, scale, params, dtype) -> torch.Tensor:
     if not bool(video_q.any()):
         return torch.zeros(B, Hkv, Tq, dtype=torch.bool, device=q.device)
     _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, Tq, D), k, v, layout, scale)
-    scores = _block_scores(p.sum(2), layout)  # [B, Hkv, Tq, Ns]
-    own_start = layout.sel_start[:, Tk - Tq:]
-    candidate = layout.sel_block_end[:, None, :] < own_start[:, :, None]  # [B, Tq, Ns]
+    scores = candidate_scores(p, layout, torch.arange(Tk - Tq, Tk, device=q.device))  # [B, Hkv, Tq, Ns]
     if scores.shape[-1] <= n:
         return torch.zeros(B, Hkv, Tq, dtype=torch.bool, device=q.device)
-    s = torch.where(candidate[:, None], scores, -1.0).sort(-1, descending=True).values
+    s = scores.sort(-1, descending=True).values
     nth, next_ = s[..., n - 1], s[..., n]
     margin = max(TIE[dtype], 4 * 2.0 ** (key_id_bits(scores.shape[-1]) - 23))
     near = (next_ >= 0) & (nth > 0) & (nth - next_ <= margin * nth)

@@ -121,7 +121,7 @@ def check_chunk(out, selected, q, k, v, gates, vm, c0, c1, scale, params, tie=1e
     selections agree (≤ 1e-2). Returns bool [B, Hkv, c1−c0]: the rows that agree (text rows count as agreeing)."""
     from nsa_compile.kernels.common import video_layout
     from nsa_compile.kernels.compression import compression_reference
-    from nsa_compile.kernels.selection import _block_scores, select_block_ids
+    from nsa_compile.kernels.selection import candidate_scores, select_block_ids
 
     l, d, ls, n, _ = params
     B, Hq, T, D = q.shape
@@ -138,8 +138,7 @@ def check_chunk(out, selected, q, k, v, gates, vm, c0, c1, scale, params, tie=1e
     ours = torch.where(ours < 0, -1, ours)
     video = layout.is_video[:, None, c0:c1]  # [B, 1, C]
     same = (ours.sort(-1).values == ref_ids.sort(-1).values).all(-1) | ~video
-    candidate = layout.sel_block_end[:, None, :] < layout.sel_start[:, pos][:, :, None]  # [B, C, Ns]
-    scores = torch.where(candidate[:, None], _block_scores(p.sum(2), layout), -1.0)  # [B, Hkv, C, Ns]
+    scores = candidate_scores(p, layout, pos)  # [B, Hkv, C, Ns], −1: not a candidate
     nth = scores.sort(-1, descending=True).values[..., ref_ids.shape[-1] - 1]  # the reference's n-th best
     picked = scores.gather(-1, ours.clamp_min(0))
     near = (((picked >= nth[..., None] * (1 - tie)) | (ours < 0)).all(-1)
