@@ -7,7 +7,7 @@
 # Stages (about the minutes each takes on an H100):
 #   tests   GPU tests of kernels, decode, e2e and reliability (not the slow 256K one)      ~8
 #   long    the 256K × 64-head test and the 32K / 128K chunked-reference tests               ~6
-#   fuzz    fuzzed cases against the reference, 12 seeds side by side (each stops after 480 s) ~9
+#   fuzz    fuzzed cases against the reference, 14 seeds side by side, 6 kernel variants each (each stops after 480 s) ~9
 #   attn    benchmarks/attention.py, shapes A and B, 8K-128K, dense on PyTorch's fastest backend, fla-core ~8
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
@@ -49,10 +49,12 @@ case "$stage" in
     # Each case compiles new kernel specialisations (~8 s of CPU on one core): run SHARDS processes with their own
     # seeds side by side on the one GPU (they share Triton's cache), each on one head dim (so that its cases reuse
     # more of its compiled kernels; the shards cover them all), then add up their reports.
-    SHARDS=${SHARDS:-12}
+    # Each shard draws VARIANTS kernel variants (dtype, head dim, KV heads, group, block sizes, top-n) and every
+    # case runs one of them: after the first compiles, a case takes well under a second.
+    SHARDS=${SHARDS:-14}
     dims=(16 32 64 80 96 128 256)
     for i in $(seq 1 "$SHARDS"); do
-      NSA_FUZZ_HEAD_DIMS=${dims[$(( (i - 1) % ${#dims[@]} ))]} NSA_FUZZ_SEED=$i NSA_FUZZ_EXAMPLES=1000 NSA_FUZZ_MAX_SECONDS=${FUZZ_SECONDS:-480} NSA_FUZZ_REPORT="$OUT/fuzz_$i.json" \
+      NSA_FUZZ_HEAD_DIMS=${dims[$(( (i - 1) % ${#dims[@]} ))]} NSA_FUZZ_SEED=$i NSA_FUZZ_VARIANTS=${VARIANTS:-6} NSA_FUZZ_EXAMPLES=${EXAMPLES:-2000} NSA_FUZZ_MAX_SECONDS=${FUZZ_SECONDS:-480} NSA_FUZZ_REPORT="$OUT/fuzz_$i.json" \
         timeout 570 $PYTEST -s tests/kernels/test_fuzz.py > "/tmp/fuzz_$i.txt" 2>&1 &
     done
     wait
@@ -60,7 +62,7 @@ case "$stage" in
 import json, sys
 out, shards = sys.argv[1], int(sys.argv[2])
 total = {"cases": 0, "rows_compared": 0, "near_tie_rows_excluded": 0, "cases_without_dkdv_check": 0,
-         "by_dtype": {}, "failed_cases": [], "shards": shards, "seconds": 0.0}
+         "by_dtype": {}, "failed_cases": [], "kernel_variants": [], "shards": shards, "seconds": 0.0}
 for i in range(1, shards + 1):
     try:
         r = json.load(open(f"{out}/fuzz_{i}.json"))
@@ -72,6 +74,7 @@ for i in range(1, shards + 1):
     for dt, n in r["by_dtype"].items():
         total["by_dtype"][dt] = total["by_dtype"].get(dt, 0) + n
     total["failed_cases"] += [f"seed {i}: {c}" for c in r.get("failed_cases", [])]
+    total["kernel_variants"] += r.get("kernel_variants", [])
     total["seconds"] = max(total["seconds"], r["seconds"])
 json.dump(total, open(f"{out}/fuzz.json", "w"), indent=1)
 print(json.dumps(total, indent=1))

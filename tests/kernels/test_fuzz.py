@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 
 import pytest
@@ -104,17 +105,29 @@ def row_layout(draw, T: int, block: int) -> list[bool]:
     return flags[:T]
 
 
+def kernel_variant(rng: random.Random) -> tuple:
+    """The fields that pick a compiled Triton specialisation: dtype, head dim, KV heads, GQA group, block size,
+    selection block size, top-n."""
+    Hkv = rng.randint(1, 2)
+    return (rng.choice(DTYPES), rng.choice(HEAD_DIMS), Hkv, rng.randint(1, 16 if Hkv == 1 or GPU else 8),
+            rng.choice(BLOCKS), rng.choice(SEL_BLOCKS), rng.randint(1, 6))
+
+
+# Each new kernel variant compiles (~8 s of CPU on the GPU machine) while a case on compiled kernels takes well
+# under a second. With ``NSA_FUZZ_VARIANTS=K`` the run draws K variants once (from its seed) and every case uses
+# one of them; shapes, stride, window, layouts and data stay free. Shards with other seeds cover other variants.
+# Without it every case draws its own variant.
+VARIANTS = int(os.environ.get("NSA_FUZZ_VARIANTS", "0"))
+POOL = [kernel_variant(random.Random(f"{SEED}/{i}")) for i in range(VARIANTS)]
+STATS["kernel_variants"] = [f"{str(v[0])[6:]} D={v[1]} Hkv={v[2]} G={v[3]} l={v[4]} l'={v[5]} n={v[6]}" for v in POOL]
+
+
 @st.composite
 def fuzz_case(draw) -> dict:
-    dtype = draw(st.sampled_from(DTYPES))
-    D = draw(st.sampled_from(HEAD_DIMS))
-    Hkv = draw(st.integers(1, 2))
-    G = draw(st.integers(1, 16 if Hkv == 1 or GPU else 8))
+    variant = draw(st.sampled_from(POOL)) if POOL else kernel_variant(random.Random(draw(st.integers(0, 2**32))))
+    dtype, D, Hkv, G, l, ls, top_n = variant
     B = draw(st.integers(1, 2))
-    l = draw(st.sampled_from(BLOCKS))
     d = draw(st.one_of(st.just(l), st.sampled_from(sorted({max(1, l // 2), max(1, l // 4)})), st.integers(1, l)))
-    ls = draw(st.sampled_from(SEL_BLOCKS))
-    top_n = draw(st.integers(1, 6))
     # Work grows with batch × KV heads × group (rounded up to a power of two) × tokens: bound it on CPU.
     max_t = MAX_T if GPU else max(4, min(MAX_T, WORK // (B * Hkv * 2 ** math.ceil(math.log2(G)))))
     Tk = draw(st.one_of(st.integers(1, max(1, l - 1)), st.integers(1, max_t), st.just(max_t)))
