@@ -11,9 +11,10 @@
 #   attn    benchmarks/attention.py, shapes A and B, 8K-128K, dense on PyTorch's fastest backend, fla-core ~8
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
+#   decode  decode GPU tests, then the 128K end to end and shapes A/B at 128K                 ~9
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: prepare tests long fuzz attn e2e probe}
+stage=${1:?stage: prepare tests long fuzz attn e2e probe decode}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 
@@ -86,6 +87,13 @@ PY
   e2e)
     timeout 580 python3 -m nsa_compile.bench --tokens 32768 131072 --decode-steps 8 \
       --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -60 | tee "$OUT/e2e.txt" ;;
+  decode)  # after a decode-kernel change: its GPU tests, the 128K end to end (decode attention), shapes A/B at 128K
+    timeout 150 $PYTEST -m gpu --junitxml="$OUT/decode.xml" tests/kernels/test_decode.py 2>&1 | tail -30 \
+      | tee "$OUT/decode_tests.txt"
+    timeout 270 python3 -m nsa_compile.bench --tokens 131072 --decode-steps 8 \
+      --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -40 | tee "$OUT/e2e.txt"
+    timeout 150 python3 benchmarks/attention.py --tokens 131072 --shape A B --dense-backend auto \
+      --out "$OUT/attention.md" 2>&1 | tail -40 | tee "$OUT/attn.txt" ;;
   probe)
     timeout 580 python3 -m nsa_compile.bench --probe-only --probe-budget-s 250 \
       --json "$OUT/probe.json" 2>&1 | tail -40 | tee "$OUT/probe.txt" ;;

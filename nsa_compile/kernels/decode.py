@@ -32,21 +32,21 @@ fingerprints are deduplicated). Never stale:
 Cached tokens the state never saw (earlier decode steps) are text. The store is bounded (``STATES.max_bytes``,
 LRU; evictions warn) and emptied by `clear_decode_states` (``nsa_compile.kernels.decode.clear_decode_states``).
 
-**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): three
+**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): four
 Triton kernels, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
 
 1. ``_dec_cmp_kernel`` — grid (B·Hkv·Tq, S1): each program takes the G query heads of one GQA group at one query
    position (rows padded to ≥ 16 for ``tl.dot``) and a slice of the compressed blocks: logits (kept in a scratch
    buffer for scoring) and an online-softmax partial of the compression branch (split-K).
-2. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): every program merges the S1 partial log-sum-exps, scores *all*
-   selection blocks (group-summed compression probabilities of the compressed blocks overlapping each, NSA
-   eq. 9-10), and finds the top-n in registers by a 4-pass radix select on the fp32 score bits (8-bit digits,
-   ``tl.histogram``) at the reference's resolution, ties going to the earlier block exactly as
-   `selection.select_block_ids`; then program j
-   attends its share of the work: the chosen blocks of rank j, j+S2, …, the text keys (tables of ≤ BLOCK_N-token
-   chunks up to the anchor, then the tail of decoded tokens) and the window chunks, as online-softmax partials of
-   the selection and window branches.
-3. ``_dec_combine_kernel`` — grid (B·Hkv·Tq, G): merges the partials of the three branches and applies the gates;
+2. ``_dec_select_kernel`` — grid (B·Hkv·Tq): merges the S1 partial log-sum-exps, scores *all* selection blocks
+   (group-summed compression probabilities of the compressed blocks overlapping each, NSA eq. 9-10), finds the
+   top-n in registers by a 4-pass radix select on the fp32 score bits (8-bit digits, ``tl.histogram``) at the
+   reference's resolution, ties going to the earlier block exactly as `selection.select_block_ids`, and writes the
+   chosen block ids (−1 padded).
+3. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): program j attends its share of the work: the chosen blocks of rank
+   j, j+S2, …, the text keys (tables of ≤ BLOCK_N-token chunks up to the anchor, then the tail of decoded tokens)
+   and the window chunks, as online-softmax partials of the selection and window branches.
+4. ``_dec_combine_kernel`` — grid (B·Hkv·Tq, G): merges the partials of the three branches and applies the gates;
    a text query with no video before it gets the selection branch alone, which is then exact dense attention.
 
 Elsewhere (CPU, ``attn_mask``, odd head dims) the op runs `nsa_reference(..., decode="sparse")` with the sequence
@@ -541,26 +541,16 @@ if HAS_TRITON:
         tl.store(O1 + o[:, None] * DV + dv[None, :], acc)
 
     @triton.jit
-    def _dec_attn_kernel(Q, K, V, S, M1, L1, SSTART, SEND, BFIRST, BLAST, TSTART, TEND, NTXT, M2, L2, O2,
-                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                         TQ, p0, NC, NS, NT, S1, S2, anchor, top_n, n_sel_max, window, scale, idb,
-                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         S1P: tl.constexpr, NS_PAD: tl.constexpr, W_BAND: tl.constexpr, BLOCK_N: tl.constexpr,
-                         NCH: tl.constexpr, PRECISION: tl.constexpr):
+    def _dec_select_kernel(S, M1, L1, SEND, BFIRST, BLAST, SEL,
+                           TQ, p0, NC, NS, S1, top_n, n_sel_max, idb,
+                           HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr,
+                           NS_PAD: tl.constexpr, W_BAND: tl.constexpr):
+        """One program per (batch, KV head, query): block scores and the top-n, written to SEL in block order."""
         pid = tl.program_id(0)
-        j = tl.program_id(1)
         t = pid % TQ
-        bh = pid // TQ
-        b = bh // HKV
-        hkv = bh % HKV
+        b = pid // TQ // HKV
         p = p0 + t
         g = tl.arange(0, GP)
-        gv = g < G
-        d = tl.arange(0, D)
-        dv = tl.arange(0, DV)
-        h = hkv * G + g
-        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :],
-                    mask=gv[:, None], other=0.0)
 
         # 1. log-sum-exp of each row's compression softmax, from the S1 partials of _dec_cmp_kernel.
         sp = tl.arange(0, S1P)
@@ -617,17 +607,44 @@ if HAS_TRITON:
         n_chosen = tl.minimum(ncand, top_n)
         rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
 
+        # 4. the chosen block ids in block order, then −1 up to n_sel_max.
+        out = SEL + pid.to(tl.int64) * n_sel_max
+        tl.store(out + rank, sb, mask=chosen)
+        tl.store(out + sb, -1, mask=(sb >= n_chosen) & (sb < n_sel_max))
+
+    @triton.jit
+    def _dec_attn_kernel(Q, K, V, SEL, SSTART, SEND, TSTART, TEND, NTXT, M2, L2, O2,
+                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                         TQ, p0, NS, NT, S2, anchor, n_sel_max, window, scale,
+                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                         BLOCK_N: tl.constexpr, NCH: tl.constexpr, PRECISION: tl.constexpr):
+        pid = tl.program_id(0)
+        j = tl.program_id(1)
+        t = pid % TQ
+        bh = pid // TQ
+        b = bh // HKV
+        hkv = bh % HKV
+        p = p0 + t
+        g = tl.arange(0, GP)
+        gv = g < G
+        d = tl.arange(0, D)
+        dv = tl.arange(0, DV)
+        h = hkv * G + g
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :],
+                    mask=gv[:, None], other=0.0)
+        rowb = b.to(tl.int64) * NS
+
         kb = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
         vb = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
         nar = tl.arange(0, BLOCK_N)
 
-        # 4. selection branch, this program's share: chosen blocks of rank j, j+S2, …, then text chunks.
+        # 1. selection branch, this program's share: chosen blocks of rank j, j+S2, …, then text chunks.
         m_s = tl.full([GP], float("-inf"), tl.float32)
         l_s = tl.zeros([GP], tl.float32)
         a_s = tl.zeros([GP, DV], tl.float32)
         for r in range(j, n_sel_max, S2):
-            valid = r < n_chosen
-            sid = tl.sum(tl.where(chosen & (rank == r), sb, 0), 0)
+            sid = tl.load(SEL + pid.to(tl.int64) * n_sel_max + r)
+            valid = sid >= 0
             st = tl.load(SSTART + rowb + sid, mask=valid, other=0)
             en = tl.load(SEND + rowb + sid, mask=valid, other=-1)
             for c in tl.static_range(NCH):
@@ -648,7 +665,7 @@ if HAS_TRITON:
             kok = (keys < te) & (keys <= p)
             m_s, l_s, a_s = _attend_chunk(q, kb, vb, skt, svt, keys, kok, m_s, l_s, a_s, scale, d, dv, PRECISION)
 
-        # 5. sliding window, this program's chunks.
+        # 2. sliding window, this program's chunks.
         m_w = tl.full([GP], float("-inf"), tl.float32)
         l_w = tl.zeros([GP], tl.float32)
         a_w = tl.zeros([GP, DV], tl.float32)
@@ -729,7 +746,7 @@ def _target_programs(device: torch.device) -> int:
 def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: DecodeState, scale: float,
                          top_n: int, window_size: int, split_cmp: int | None = None,
                          split_attn: int | None = None, out: Tensor | None = None) -> Tensor:
-    """Sparse attention of the Tq **text** queries at the end of the cache over the kept state (module doc: three
+    """Sparse attention of the Tq **text** queries at the end of the cache over the kept state (module doc: four
     kernels, no host sync, CUDA-graph capturable).
 
     Args:
@@ -777,6 +794,7 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         S, M1, L1, O1, M2, L2, O2 = (_scratch(n, q.device) for n in (
             rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
             rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv))
+        SEL = torch.empty(rows * max(n_sel, 1), dtype=torch.int32, device=q.device)
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp
@@ -786,15 +804,17 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
             vc.stride(0), vc.stride(1), vc.stride(2),
             TQ, p0, NC, S1, tiles_per_split, scale,
             HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision, num_warps=8, num_stages=1)
+        _dec_select_kernel[(rows,)](
+            S, M1, L1, state.sel_end, state.band_first, state.band_last, SEL,
+            TQ, p0, NC, NS, S1, top_n, n_sel, key_id_bits(NS),
+            HKV=Hkv, G=G, GP=GP, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width,
+            num_warps=8 if NS_PAD <= 8192 else 16)
         _dec_attn_kernel[(rows, S2)](
-            qc, k, v, S, M1, L1, state.sel_start, state.sel_end, state.band_first, state.band_last,
-            state.txt_start, state.txt_end, state.n_txt, M2, L2, O2,
+            qc, k, v, SEL, state.sel_start, state.sel_end, state.txt_start, state.txt_end, state.n_txt, M2, L2, O2,
             qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
-            TQ, p0, NC, NS, NT, S1, S2, state.anchor, top_n, n_sel, window_size, scale, key_id_bits(NS),
-            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width,
-            BLOCK_N=BLOCK_N, NCH=NCH, PRECISION=precision,
-            num_warps=8 if NS_PAD <= 8192 else 16)  # 4 warps spill registers (sm_90, D=128)
+            TQ, p0, NS, NT, S2, state.anchor, n_sel, window_size, scale,
+            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_N=BLOCK_N, NCH=NCH, PRECISION=precision, num_warps=4)
         _dec_combine_kernel[(rows, G)](
             M1, L1, O1, M2, L2, O2, gc, state.first_video, oc,
             gc.stride(0), gc.stride(1), gc.stride(2), gc.stride(3), oc.stride(0), oc.stride(1), oc.stride(2),
