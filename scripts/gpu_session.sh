@@ -5,9 +5,9 @@
 #   bash scripts/gpu_session.sh STAGE     # on the GPU machine (the device tool's `run`, carry [".whl"])
 #
 # Stages (about the minutes each takes on an H100):
-#   tests   GPU tests of kernels, decode, e2e and reliability (not the slow 256K one)      ~8
+#   tests   every GPU test (pytest -m gpu) but the slow 256K one and the 32K/128K chunked ones ~8
 #   long    the 256K × 64-head test and the 32K / 128K chunked-reference tests               ~6
-#   fuzz    fuzzed cases against the reference, 14 seeds side by side, 6 kernel variants each (each stops after 480 s) ~9
+#   fuzz    fuzzed cases against the reference: 14 seeds side by side, 6 kernel variants each, 480 s ~9
 #   attn    benchmarks/attention.py, shapes A and B, 8K-128K, dense on PyTorch's fastest backend, fla-core ~8
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
@@ -40,9 +40,8 @@ PYTEST="python3 -m pytest -q -p no:cacheprovider -rfEs"
 
 case "$stage" in
   tests)
-    timeout 560 $PYTEST -m "gpu and not slow" --junitxml="$OUT/tests.xml" \
-      tests/kernels/test_nsa_triton.py tests/kernels/test_decode.py tests/test_e2e.py tests/test_reliability.py \
-      -k "not long_against_chunked" 2>&1 | tail -60 | tee "$OUT/tests.txt" ;;
+    timeout 560 $PYTEST -m "gpu and not slow" --junitxml="$OUT/tests.xml" tests -k "not long_against_chunked" \
+      2>&1 | tail -60 | tee "$OUT/tests.txt" ;;
   long)
     timeout 560 $PYTEST -m gpu --junitxml="$OUT/long.xml" tests/kernels/test_nsa_triton.py tests/test_reliability.py \
       -k "long_against_chunked or long_context" 2>&1 | tail -40 | tee "$OUT/long.txt" ;;
@@ -88,7 +87,7 @@ PY
     timeout 580 python3 -m nsa_compile.bench --tokens 32768 131072 --decode-steps 8 \
       --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -60 | tee "$OUT/e2e.txt" ;;
   decode)  # after a decode-kernel change: its GPU tests, the 128K end to end (decode attention), shapes A/B at 128K
-    timeout 150 $PYTEST -m gpu --junitxml="$OUT/decode.xml" tests/kernels/test_decode.py 2>&1 | tail -30 \
+    timeout 150 $PYTEST -m gpu --junitxml="$OUT/decode.xml" tests/kernels/test_decode.py tests/kernels/test_nsa_gpu.py 2>&1 | tail -30 \
       | tee "$OUT/decode_tests.txt"
     timeout 270 python3 -m nsa_compile.bench --tokens 131072 --decode-steps 8 \
       --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -40 | tee "$OUT/e2e.txt"
