@@ -130,12 +130,13 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4)
 
 
-def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, backward: bool) -> None:
+def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_size: int, backward: bool) -> None:
     """Raise before any kernel runs when the request cannot fit in the device's free memory."""
     if not q.is_cuda:
         return
-    need = memory_estimate(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
-                           top_n, backward)
+    n = min(top_n, -(-k.shape[2] // selection_block_size))  # the top-n kernel keeps at most one id per block
+    need = memory_estimate(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], n,
+                           backward)
     free, _ = torch.cuda.mem_get_info(q.device)
     free += torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device)
     if need > free:
@@ -156,7 +157,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
     """
-    _check_memory(q, k, v, top_n, backward=False)
+    _check_memory(q, k, v, top_n, selection_block_size, backward=False)
     Dv = v.shape[-1]
     q, k, v = _pad_head_dims(q, k, v)
     B, Hq, Tq, _ = q.shape
@@ -200,7 +201,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
     """
-    _check_memory(q, k, v, top_n, backward=True)
+    _check_memory(q, k, v, top_n, selection_block_size, backward=True)
     D, Dv, dtypes = q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype, gates.dtype)
     q, k, v = _pad_head_dims(q, k, v)
     go = F.pad(grad_out, (0, v.shape[-1] - Dv)).contiguous()
