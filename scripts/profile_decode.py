@@ -1,0 +1,60 @@
+"""GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode.
+
+    python scripts/profile_decode.py [--tokens 131072]
+
+Qwen2.5-VL-7B's attention shape (28 query heads over 4 KV heads, head dim 128, bf16), the ``videonsa`` preset, a
+cache of video tokens then 64 text tokens, one new text query.
+"""
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from nsa_compile import NSAConfig
+from nsa_compile.kernels import decode as dec
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--iters", type=int, default=50)
+    args = ap.parse_args()
+    c = NSAConfig.preset("videonsa")
+    T, Hq, Hkv, D = args.tokens, 28, 4, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, v = (torch.randn(1, Hkv, T, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    q = torch.randn(1, Hq, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    gates = torch.rand(1, Hq, 1, 3, device="cuda", dtype=torch.bfloat16, generator=g)
+    vm = torch.ones(1, T, dtype=torch.bool, device="cuda")
+    vm[:, T - 64:] = False
+    state = dec.build_decode_state(k[:, :, :T - 1], v[:, :, :T - 1], vm[:, :T - 1], c.block_size, c.block_stride,
+                                   c.selection_block_size)
+    scale = 1 / math.sqrt(D)
+    out = torch.empty_like(q)
+
+    def sparse():
+        dec.sparse_decode_triton(q, k, v, gates, state, scale, c.top_n, c.window_size, out=out)
+
+    def dense():
+        F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+    for fn in (sparse, dense):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.iters):
+            sparse()
+            dense()
+        torch.cuda.synchronize()
+    print(f"cache {T} tokens, {args.iters} iterations; NC={state.k_cmp.shape[2]} NS={state.sel_start.shape[1]} "
+          f"NT={state.txt_start.shape[1]} band_width={state.band_width}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
+    import triton
+    print("cudagraph µs: sparse", triton.testing.do_bench_cudagraph(sparse) * 1e3,
+          "dense", triton.testing.do_bench_cudagraph(dense) * 1e3)
+
+
+if __name__ == "__main__":
+    main()
