@@ -20,10 +20,12 @@ about a minute on 2 cores); on a CUDA machine on the GPU (fp16, bf16; larger sha
 ``NSA_FUZZ_SEED=N`` draws a different, reproducible set (default: hypothesis' derandomized set, the same every
 run); ``NSA_FUZZ_HEAD_DIMS=64,128`` restricts the head dims (default: 16, 24, 32 on CPU; 16 … 256 with 80 and 96
 on the GPU); ``NSA_FUZZ_MAX_SECONDS=S`` stops checking new examples after S seconds (the count says how many ran);
-``NSA_FUZZ_REPORT=FILE`` writes the counts as JSON. The GPU run for BENCHMARKS.md (shards with other seeds add
-cases; each shard's first cases also compile the Triton variants they need):
+``NSA_FUZZ_REPORT=FILE`` writes the counts as JSON; ``NSA_FUZZ_VARIANTS=K`` draws K kernel variants once and runs
+every case on one of them (each new variant compiles for ~8 s on the GPU machine; see `POOL`). The GPU run for
+BENCHMARKS.md is ``bash scripts/gpu_session.sh fuzz``: 16 seeds side by side with 4 variants each, e.g. one of them
 
-    NSA_FUZZ_EXAMPLES=1000 NSA_FUZZ_REPORT=fuzz.json python -m pytest -q -s tests/kernels/test_fuzz.py
+    NSA_FUZZ_SEED=3 NSA_FUZZ_VARIANTS=4 NSA_FUZZ_EXAMPLES=2000 NSA_FUZZ_MAX_SECONDS=430 \
+        NSA_FUZZ_REPORT=fuzz.json python -m pytest -q -s tests/kernels/test_fuzz.py
 """
 
 from __future__ import annotations
