@@ -493,6 +493,20 @@ if HAS_TRITON:
         return m_new, l * alpha + tl.sum(e, 1), acc
 
     @triton.jit
+    def _row_query(Q, pid, TQ, sqb, sqh, sqt, HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                   D: tl.constexpr):
+        """(t, b, hkv, q) of query row ``pid`` (= (b·HKV + hkv)·TQ + t): its position in the call, batch, KV head,
+        and the [GP, D] queries of the group's G heads at t (rows ≥ G zero), in q's dtype."""
+        t = pid % TQ
+        b = pid // TQ // HKV
+        hkv = pid // TQ % HKV
+        g = tl.arange(0, GP)
+        h = hkv * G + g
+        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt
+                    + tl.arange(0, D)[None, :], mask=(g < G)[:, None], other=0.0)
+        return t, b, hkv, q
+
+    @triton.jit
     def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1,
                         sqb, sqh, sqt, skb, skh, skc, svb, svh, svc,
                         TQ, p0, NC, S1, tiles_per_split, scale,
@@ -500,18 +514,13 @@ if HAS_TRITON:
                         BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         sp = tl.program_id(1)
-        t = pid % TQ
-        bh = pid // TQ
-        b = bh // HKV
-        hkv = bh % HKV
+        t, b, hkv, q = _row_query(Q, pid, TQ, sqb, sqh, sqt, HKV, G, GP, D)
+        q = q.to(tl.float32)
         p = p0 + t
         g = tl.arange(0, GP)
         gv = g < G
         d = tl.arange(0, D)
         dv = tl.arange(0, DV)
-        h = hkv * G + g
-        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :],
-                    mask=gv[:, None], other=0.0).to(tl.float32)
         kb = KC + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
         vb = VC + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
         m = tl.full([GP], float("-inf"), tl.float32)
@@ -620,18 +629,11 @@ if HAS_TRITON:
                          BLOCK_N: tl.constexpr, NCH: tl.constexpr, PRECISION: tl.constexpr):
         pid = tl.program_id(0)
         j = tl.program_id(1)
-        t = pid % TQ
-        bh = pid // TQ
-        b = bh // HKV
-        hkv = bh % HKV
+        t, b, hkv, q = _row_query(Q, pid, TQ, sqb, sqh, sqt, HKV, G, GP, D)
         p = p0 + t
         g = tl.arange(0, GP)
-        gv = g < G
         d = tl.arange(0, D)
         dv = tl.arange(0, DV)
-        h = hkv * G + g
-        q = tl.load(Q + b.to(tl.int64) * sqb + h.to(tl.int64)[:, None] * sqh + t.to(tl.int64) * sqt + d[None, :],
-                    mask=gv[:, None], other=0.0)
         rowb = b.to(tl.int64) * NS
 
         kb = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
