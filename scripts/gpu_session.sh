@@ -12,9 +12,10 @@
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
 #   decode  decode GPU tests, then the 128K end to end and shapes A/B at 128K                 ~9
+#   profile the sparse-decode kernels one by one at 128K and 32K (and Nsight Compute if present) ~3
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage=${1:?stage: prepare tests long fuzz attn e2e probe decode}
+stage=${1:?stage: prepare tests long fuzz attn e2e probe decode profile}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 
@@ -93,6 +94,16 @@ PY
       --out "$OUT/e2e.md" --json "$OUT/e2e.json" 2>&1 | tail -40 | tee "$OUT/e2e.txt"
     timeout 150 python3 benchmarks/attention.py --tokens 131072 --shape A B --dense-backend auto \
       --out "$OUT/attention.md" 2>&1 | tail -40 | tee "$OUT/attn.txt" ;;
+  profile)  # the sparse-decode kernels one by one (torch.profiler), with an Nsight Compute report when ncu exists
+    for T in 131072 32768; do timeout 150 python3 scripts/profile_decode.py --tokens $T 2>&1 | grep -v Warning; done \
+      | tee "$OUT/profile.txt"
+    if command -v ncu >/dev/null; then
+      timeout 200 ncu --kernel-name regex:_dec_ --launch-skip 4 --launch-count 4 --section SpeedOfLight \
+        --section LaunchStats --section Occupancy --section WarpStateStats python3 scripts/profile_decode.py --iters 1 \
+        2>&1 | tail -150 > "$OUT/ncu.txt"
+    else
+      echo "no ncu on this machine" | tee "$OUT/ncu.txt"
+    fi ;;
   probe)
     timeout 580 python3 -m nsa_compile.bench --probe-only --probe-budget-s 250 \
       --json "$OUT/probe.json" 2>&1 | tail -40 | tee "$OUT/probe.txt" ;;

@@ -1,6 +1,6 @@
 """GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode.
 
-    python scripts/profile_decode.py [--tokens 131072]
+    python scripts/profile_decode.py [--tokens 131072]   # on a GPU machine: bash scripts/gpu_session.sh profile
 
 Qwen2.5-VL-7B's attention shape (28 query heads over 4 KV heads, head dim 128, bf16), the ``videonsa`` preset, a
 cache of video tokens then 64 text tokens, one new text query.
@@ -54,6 +54,11 @@ def main() -> None:
     import triton
     print("cudagraph µs: sparse", triton.testing.do_bench_cudagraph(sparse) * 1e3,
           "dense", triton.testing.do_bench_cudagraph(dense) * 1e3)
+    # Does the compression kernel's time follow its programs or its tiles? Same work in fewer programs.
+    for split in (1, 4, 16, 64):
+        def fn():
+            dec.sparse_decode_triton(q, k, v, gates, state, scale, c.top_n, c.window_size, split_cmp=split, out=out)
+        print(f"cudagraph µs: sparse with {split} compression programs per row", triton.testing.do_bench_cudagraph(fn) * 1e3)
 
 
 if __name__ == "__main__":
