@@ -58,7 +58,8 @@ def main() -> None:
     for split in (1, 4, 16, 64):
         def fn():
             dec.sparse_decode_triton(q, k, v, gates, state, scale, c.top_n, c.window_size, split_cmp=split, out=out)
-        print(f"cudagraph µs: sparse with {split} compression programs per row", triton.testing.do_bench_cudagraph(fn) * 1e3)
+        print(f"cudagraph µs: sparse with {split} compression programs per row",
+              triton.testing.do_bench_cudagraph(fn) * 1e3)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ oracle) and README "Attention semantics".
 values of each layer are computed once, when the video blocks complete (in practice at the prefill that holds the
 video), and kept in a `DecodeState` together with the sequence's video mask, the block tables the kernels need and
 a *fingerprint* of the keys/values it was built from (compressed keys in fp32: their logits rank the blocks, and
-bf16-rounded means would swap near-tied blocks against the reference). States live in one process-wide store (`STATES`), keyed by
-device, dtypes, shapes and block sizes. The op has no layer argument (its schema is the one of
+bf16-rounded means would swap near-tied blocks against the reference). States live in one process-wide store
+(`STATES`), keyed by device, dtypes, shapes and block sizes. The op has no layer argument (its schema is the one of
 ``nsa_compile::nsa_attention``), so a call finds its state **by content**: the cache of a layer starts with exactly the
 keys/values the state was built from, so the state whose fingerprint (a bit-exact copy of K and V at ``PROBES``
 evenly spaced positions of its ``anchor`` keys, last one included) equals the same positions of the call's K/V is
@@ -796,7 +796,8 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         S, M1, L1, O1, M2, L2, O2 = (_scratch(n, q.device) for n in (
             rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
             rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv))
-        SEL = torch.empty(rows * max(n_sel, 1), dtype=torch.int32, device=q.device)
+        SEL = torch.full((rows * max(n_sel, 1),), INT32_MAX, dtype=torch.int32, device=q.device) if POISON_SCRATCH \
+            else torch.empty(rows * max(n_sel, 1), dtype=torch.int32, device=q.device)  # chosen block ids
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp

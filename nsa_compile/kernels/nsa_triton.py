@@ -151,8 +151,9 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
                        key_valid: Tensor | None = None, _keep: dict | None = None) -> Tensor:
     """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
-    fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`). An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys
-    it leaves visible, see `nsa.key_padding`); other masks need the reference.
+    fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
+    An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
+    `nsa.key_padding`); other masks need the reference.
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.

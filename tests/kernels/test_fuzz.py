@@ -5,7 +5,8 @@ Drawn: batch size, key length (shorter than a block, not a multiple of the block
 or the last queries of a KV cache), the part of the keys the video mask covers, GQA group (1–16), KV heads, head
 dim, dtype, config (block size, stride, selection block, top-n, window) and the layout of the video spans (none,
 all video, one span, several spans with text between them, spans shorter than a block, a different layout per
-batch row); keys i.i.d. normal or with a normal component shared by each selection block. Checked: the forward and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5
+batch row); keys i.i.d. normal or with a normal component shared by each selection block. Checked: the forward
+and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5
 (fp32), 1e-2 (fp16), 2e-2 (bf16), plus an absolute floor per element for results that are zero up to
 cancellation (inputs are O(1)): tol/10, or the dtype's unit roundoff where that is larger (bf16); NaN fails.
 
@@ -189,8 +190,8 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, rows: t
     # Relative error, with an absolute floor per element (inputs are O(1)) for results that are zero up to
     # cancellation, e.g. dq of a query that sees a single key, or dk of a lone key (exactly 0: its softmax weight
     # is 1 whatever the key). The kernel's backward feeds the tensor cores the gated g·dO rounded to the input
-    # dtype while its Δ = g·(dO·O) is fp32, so there it returns scale·((g·dO)_rounded − g·dO)·v·k: one rounding,
-    # about the dtype's unit roundoff per element. The floor is tol/10 or that roundoff (bf16: 2^-8 > 2e-3); a
+    # dtype while its Δ = g·(dO·O) is fp32, so there it returns scale·((g·dO)_rounded − g·dO)·v·k: one
+    # rounding, about the dtype's unit roundoff per element. The floor is tol/10 or that roundoff (bf16: 2^-8 > 2e-3); a
     # result summed over ``terms`` heads (dk, dv: the GQA group) gets √terms times it.
     floor = max(0.1 * tol, torch.finfo(dtype).eps / 2)
     err = (out - ref).norm().item()
