@@ -12,7 +12,7 @@
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
 #   decode  decode GPU tests, then the 128K end to end and shapes A/B at 128K                 ~9
-#   profile the sparse-decode kernels one by one at 128K and 32K (and Nsight Compute if present) ~3
+#   profile the sparse-decode kernels one by one at 128K and 32K, the op's host time, Nsight Compute if present ~3
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?stage: prepare tests long fuzz attn e2e probe decode profile}

@@ -6,7 +6,10 @@ Qwen2.5-VL-7B's attention shape (28 query heads over 4 KV heads, head dim 128, b
 cache of video tokens then 64 text tokens, one new text query.
 """
 import argparse
+import cProfile
 import math
+import pstats
+import time
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +57,32 @@ def main() -> None:
     import triton
     print("cudagraph µs: sparse", triton.testing.do_bench_cudagraph(sparse) * 1e3,
           "dense", triton.testing.do_bench_cudagraph(dense) * 1e3)
+    # The op as the model calls it: state lookup (one host sync), then the kernels; wall time and where the host
+    # spends it.
+    dec.STATES.clear()
+    dec.STATES.put(state)
+    no_video = torch.zeros(1, 1, dtype=torch.bool, device="cuda")
+
+    def op():
+        torch.ops.nsa_compile.nsa_attention_sparse_decode(q, k, v, gates, no_video, None, scale, c.block_size,
+                                                          c.block_stride, c.selection_block_size, c.top_n,
+                                                          c.window_size)
+
+    op()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        op()
+    torch.cuda.synchronize()
+    print(f"op wall µs per call: {(time.perf_counter() - t0) / args.iters * 1e6:.1f} (state hits "
+          f"{dec.STATES.stats['hits']})")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.iters):
+        op()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     # Does the compression kernel's time follow its programs or its tiles? Same work in fewer programs.
     for split in (1, 4, 16, 64):
         def fn():
