@@ -1,4 +1,5 @@
-"""GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode.
+"""GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode; the
+op's wall time per call and where its host side goes (cProfile); the compression kernel at other splits.
 
     python scripts/profile_decode.py [--tokens 131072]   # on a GPU machine: bash scripts/gpu_session.sh profile
 
