@@ -62,7 +62,7 @@ case "$stage" in
     python3 - "$OUT" "$SHARDS" <<'PY' 2>&1 | tee "$OUT/fuzz.txt"
 import json, sys
 out, shards = sys.argv[1], int(sys.argv[2])
-total = {"cases": 0, "rows_compared": 0, "near_tie_rows_excluded": 0, "cases_without_dkdv_check": 0,
+total = {"cases": 0, "rows_compared": 0, "near_tie_rows": 0, "rows_other_tie_break": 0,
          "by_dtype": {}, "failed_cases": [], "kernel_variants": [], "shards": shards, "seconds": 0.0}
 for i in range(1, shards + 1):
     try:
@@ -70,8 +70,8 @@ for i in range(1, shards + 1):
     except (OSError, ValueError):
         total["failed_cases"].append(f"shard {i}: no report (see /tmp/fuzz_{i}.txt)")
         continue
-    for key in ("cases", "rows_compared", "near_tie_rows_excluded", "cases_without_dkdv_check"):
-        total[key] += r[key]
+    for key in ("cases", "rows_compared", "near_tie_rows", "rows_other_tie_break"):
+        total[key] += r.get(key, 0)
     for dt, n in r["by_dtype"].items():
         total["by_dtype"][dt] = total["by_dtype"].get(dt, 0) + n
     total["failed_cases"] += [f"seed {i}: {c}" for c in r.get("failed_cases", [])]
