@@ -225,8 +225,10 @@ def _attempt(fn):
     return None, "OOM"
 
 
-def run_length(mode: Mode, T: int, hidden: int, dtype, steps: int, repeat: int, attn: bool) -> dict:
-    """Prefill (``repeat`` times, the last timed) + decode steps (+ attention at decode) at T tokens."""
+def run_length(mode: Mode, T: int, hidden: int, dtype, steps: int, repeat: int, attn: bool,
+               profile: bool = False) -> dict:
+    """Prefill (``repeat`` times, the last timed) + decode steps (+ attention at decode) at T tokens; with
+    ``profile``, one more prefill under torch.profiler, whose busiest GPU kernels and CPU ops are logged."""
     from .kernels.decode import STATES
     emb, mask = make_inputs(T, hidden, mode.device, dtype)
     row: dict = {"mode": mode.name, "tokens": T, "video_tokens": int(mask.sum())}
@@ -270,7 +272,24 @@ def run_length(mode: Mode, T: int, hidden: int, dtype, steps: int, repeat: int, 
             log(f"{mode.name} T={T}: attention at decode {res}")
     del cache
     _free(mode.device)
+    if profile:
+        log(f"{mode.name} T={T}: profiled prefill\n{profile_prefill(mode, emb, mask)}")
     return row
+
+
+def profile_prefill(mode: Mode, emb, mask, rows: int = 25) -> str:
+    """Tables of one prefill under torch.profiler: the kernels by GPU time (CUDA only) and the ops by CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    cuda = mode.device == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        cache, _, _ = mode.prefill(emb, mask)
+    del cache
+    _free(mode.device)
+    table = prof.key_averages()
+    out = [table.table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=70)] if cuda else []
+    return "\n".join(out + [table.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70)])
 
 
 def _fits(row: dict) -> bool:
@@ -387,6 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup-tokens", type=int, nargs="+", help="lengths compiled before timing (default 2048 "
                     "4096; --tiny: 96 128): two lengths make dynamo compile shape-generic graphs once")
     ap.add_argument("--no-attn", action="store_true", help="skip the attention-at-decode microbenchmark")
+    ap.add_argument("--profile-prefill", action="store_true", help="after each length, one more prefill under "
+                    "torch.profiler: log its busiest GPU kernels and CPU ops (where NSA's prefill time goes)")
     ap.add_argument("--probe", action="store_true", help="after the table, find the longest length each mode fits "
                     "(prefill + 1 decode step), starting above the longest length of the table that fitted")
     ap.add_argument("--probe-only", action="store_true", help="the probe without the table")
@@ -439,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             run_length(mode, T, hidden, dtype, steps=3, repeat=1, attn=False)
         log(f"{name}: warm-up (compile) {time.perf_counter() - t:.1f} s")
         mode_rows = [] if args.probe_only else [
-            run_length(mode, T, hidden, dtype, args.decode_steps, args.repeat, not args.no_attn) for T in tokens]
+            run_length(mode, T, hidden, dtype, args.decode_steps, args.repeat, not args.no_attn,
+                       args.profile_prefill) for T in tokens]
         rows += mode_rows
         if args.probe or args.probe_only:
             fit = max((r["tokens"] for r in mode_rows if _fits(r)), default=0)

@@ -12,7 +12,7 @@
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
 #   decode  decode GPU tests, then the 128K end to end and shapes A/B at 128K                 ~9
-#   profile the sparse-decode kernels one by one at 128K and 32K, the op's host time, Nsight Compute if present ~3
+#   profile decode kernels one by one (128K, 32K), the op's host time, a profiled 128K prefill, ncu      ~8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?stage: prepare tests long fuzz attn e2e probe decode profile}
@@ -97,6 +97,10 @@ PY
   profile)  # the sparse-decode kernels one by one (torch.profiler), with an Nsight Compute report when ncu exists
     for T in 131072 32768; do timeout 150 python3 scripts/profile_decode.py --tokens $T 2>&1 | grep -v Warning; done \
       | tee "$OUT/profile.txt"
+    # where the NSA prefill's time goes beyond its attention (10.2 s against dense's 9.4 s at 128K, while NSA's
+    # attention is faster than dense's): one profiled prefill per mode
+    timeout 300 python3 -m nsa_compile.bench --tokens 131072 --decode-steps 0 --no-attn --repeat 1 \
+      --profile-prefill 2>&1 | grep -v Warning | tail -220 > "$OUT/prefill_profile.txt"
     if command -v ncu >/dev/null; then
       timeout 200 ncu --kernel-name regex:_dec_ --launch-skip 4 --launch-count 4 --section SpeedOfLight \
         --section LaunchStats --section Occupancy --section WarpStateStats python3 scripts/profile_decode.py --iters 1 \

@@ -23,10 +23,14 @@ def test_bench_e2e_tiny_through_the_cli(tmp_path, capsys):
     from nsa_compile.cli import main
     out_json, out_md = tmp_path / "e2e.json", tmp_path / "BENCH.md"
     rc = main(["bench", "--e2e", "--tiny", "--tokens", "160", "--warmup-tokens", "96", "128", "--repeat", "1",
-               "--decode-steps", "2", "--json", str(out_json), "--out", str(out_md)])
+               "--decode-steps", "2", "--json", str(out_json), "--out", str(out_md), "--profile-prefill"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "| 160 (96) |" in printed and "tiny language model" in printed
+    for name in ("dense", "nsa"):  # --profile-prefill: one profiled prefill per mode, its op table in the log
+        assert f"{name} T=160: profiled prefill" in captured.err
+    assert captured.err.count("Self CPU time total") == 2
     res = json.loads(out_json.read_text())
     rows = {r["mode"]: r for r in res["rows"]}
     assert set(rows) == {"dense", "nsa"}
