@@ -82,10 +82,14 @@ def select_blocks(p_cmp: Tensor, layout: VideoLayout, Tq: int, top_n: int) -> Te
     """`select_block_ids` of the last Tq positions as a bool mask [B, Hkv, 1, Tq, Ns]."""
     Tk = layout.is_video.shape[1]
     ids = select_block_ids(p_cmp, layout, torch.arange(Tk - Tq, Tk, device=p_cmp.device), top_n)
-    selected = torch.zeros(ids.shape[:3] + (layout.sel_block_start.shape[1] + 1,), dtype=torch.bool,
-                           device=ids.device)
-    selected.scatter_(-1, torch.where(ids < 0, selected.shape[-1] - 1, ids), True)
-    return selected[..., :-1][:, :, None]
+    return block_mask(ids, layout.sel_block_start.shape[1])
+
+
+def block_mask(ids: Tensor, num_blocks: int) -> Tensor:
+    """Block ids [B, Hkv, Tq, n] (any integer dtype, −1: none) as a bool mask [B, Hkv, 1, Tq, num_blocks]."""
+    mask = torch.zeros(ids.shape[:3] + (num_blocks + 1,), dtype=torch.bool, device=ids.device)
+    mask.scatter_(-1, torch.where(ids < 0, num_blocks, ids.long()), True)
+    return mask[..., :-1][:, :, None]
 
 
 def selection_reference(q: Tensor, k: Tensor, v: Tensor, layout: VideoLayout, selected: Tensor, scale: float,

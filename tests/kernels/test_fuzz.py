@@ -5,10 +5,10 @@ Drawn: batch size, key length (shorter than a block, not a multiple of the block
 or the last queries of a KV cache), the part of the keys the video mask covers, GQA group (1–16), KV heads, head
 dim, dtype, config (block size, stride, selection block, top-n, window) and the layout of the video spans (none,
 all video, one span, several spans with text between them, spans shorter than a block, a different layout per
-batch row); keys i.i.d. normal or with a normal component shared by each selection block. Checked: the forward
-and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5
-(fp32), 1e-2 (fp16), 2e-2 (bf16), plus an absolute floor per element for results that are zero up to
-cancellation (inputs are O(1)): tol/10, or the dtype's unit roundoff where that is larger (bf16); NaN fails.
+batch row); keys i.i.d. normal, with a normal component shared by each selection block, or repeating per
+selection block (exact ties). Checked: the forward and the gradients of q, k, v and the gates, ‖x−ref‖/‖ref‖ ≤ tol
+with tol 1e-5 (fp32), 1e-2 (fp16), 2e-2 (bf16), plus an absolute floor per element for results that are zero up
+to cancellation (inputs are O(1)): tol/10, or the dtype's unit roundoff where that is larger (bf16); NaN fails.
 
 The selection top-n is not differentiable and a near-tie between the n-th and (n+1)-th block can flip between
 the kernel (fp32 scores from half-precision inputs) and the fp64 reference. Rows whose reference scores are within
@@ -53,7 +53,7 @@ from nsa_compile.kernels.compression import compression_reference  # noqa: E402
 from nsa_compile.kernels.nsa import nsa_reference  # noqa: E402
 from nsa_compile.kernels.nsa_triton import nsa_triton_backward, nsa_triton_forward  # noqa: E402
 from nsa_compile.kernels import nsa as nsa_module  # noqa: E402
-from nsa_compile.kernels.selection import candidate_scores, select_blocks  # noqa: E402
+from nsa_compile.kernels.selection import block_mask, candidate_scores, select_blocks  # noqa: E402
 
 try:  # the top-n key keeps a score's top 31 − key_id_bits(Ns) bits: closer scores count as tied (earlier block)
     from nsa_compile.kernels.selection import key_id_bits  # noqa: E402
@@ -189,12 +189,10 @@ def near_tie_rows(q, k, v, vm, scale, params, dtype) -> tuple[torch.Tensor, torc
     return near & video_q[:, None], selected
 
 
-def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, rows: torch.Tensor | None = None,
-            terms: int = 1, dtype: torch.dtype = torch.float32) -> None:
+def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, terms: int = 1,
+            dtype: torch.dtype = torch.float32) -> None:
     assert not torch.isnan(out).any(), f"{name}: NaN in the Triton result"
     out, ref = out.double(), ref.double()
-    if rows is not None:
-        out, ref = out[rows], ref[rows]
     if out.numel() == 0:
         return
     # Relative error, with an absolute floor per element (inputs are O(1)) for results that are zero up to
@@ -222,10 +220,7 @@ def _reference(q, k, v, gates, go, vm, scale, params, selected=None):
 
 def _kernel_selection(keep: dict, Ns: int) -> torch.Tensor:
     """bool [B, Hkv, 1, Tq, Ns]: the blocks the Triton top-n picked (from ``nsa_triton_forward(..., _keep=)``)."""
-    ids = keep["branches"]["selection"][0].selected.long()  # [B, Hkv, Tq, n], −1: none
-    mask = torch.zeros(ids.shape[:3] + (Ns + 1,), dtype=torch.bool, device=ids.device)
-    mask.scatter_(-1, torch.where(ids < 0, Ns, ids), True)
-    return mask[..., :Ns][:, :, None]
+    return block_mask(keep["branches"]["selection"][0].selected, Ns)
 
 
 def check_case(c: dict) -> None:
