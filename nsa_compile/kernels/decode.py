@@ -732,10 +732,10 @@ if HAS_TRITON:
 POISON_SCRATCH = False
 
 
-def _scratch(n: int, device: torch.device) -> Tensor:
-    if POISON_SCRATCH:
-        return torch.full((n,), float("nan"), dtype=torch.float32, device=device)
-    return torch.empty(n, dtype=torch.float32, device=device)
+def _scratch(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
+    if POISON_SCRATCH:  # NaN, or for ids an index far out of range
+        return torch.full((n,), float("nan") if dtype.is_floating_point else INT32_MAX, dtype=dtype, device=device)
+    return torch.empty(n, dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -796,8 +796,7 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         S, M1, L1, O1, M2, L2, O2 = (_scratch(n, q.device) for n in (
             rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
             rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv))
-        SEL = torch.full((rows * max(n_sel, 1),), INT32_MAX, dtype=torch.int32, device=q.device) if POISON_SCRATCH \
-            else torch.empty(rows * max(n_sel, 1), dtype=torch.int32, device=q.device)  # chosen block ids
+        SEL = _scratch(rows * max(n_sel, 1), q.device, torch.int32)  # chosen block ids
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp
