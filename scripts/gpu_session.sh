@@ -47,11 +47,10 @@ case "$stage" in
     timeout 560 $PYTEST -m gpu --junitxml="$OUT/long.xml" tests/kernels/test_nsa_triton.py tests/test_reliability.py \
       -k "long_against_chunked or long_context" 2>&1 | tail -40 | tee "$OUT/long.txt" ;;
   fuzz)
-    # Each case compiles new kernel specialisations (~8 s of CPU on one core): run SHARDS processes with their own
-    # seeds side by side on the one GPU (they share Triton's cache), each on one head dim (so that its cases reuse
-    # more of its compiled kernels; the shards cover them all), then add up their reports.
-    # Each shard draws VARIANTS kernel variants (dtype, head dim, KV heads, group, block sizes, top-n) and every
-    # case runs one of them: after the first compiles, a case takes well under a second.
+    # A new kernel specialisation compiles for ~8 s of CPU on one core. SHARDS processes with their own seeds run
+    # side by side on the one GPU, each on one head dim (the shards cover them all); each draws VARIANTS kernel
+    # variants (dtype, KV heads, group, block sizes, top-n) and runs every case on one of them, so after its first
+    # compiles a case takes well under a second. Their reports are then added up.
     SHARDS=${SHARDS:-16}
     dims=(16 32 64 80 96 128 256)
     for i in $(seq 1 "$SHARDS"); do
@@ -102,7 +101,7 @@ PY
     timeout 300 python3 -m nsa_compile.bench --tokens 131072 --decode-steps 0 --no-attn --repeat 1 \
       --profile-prefill 2>&1 | grep -v Warning | tail -220 > "$OUT/prefill_profile.txt"
     if command -v ncu >/dev/null; then
-      timeout 200 ncu --kernel-name regex:_dec_ --launch-skip 4 --launch-count 4 --section SpeedOfLight \
+      timeout 120 ncu --kernel-name regex:_dec_ --launch-skip 4 --launch-count 4 --section SpeedOfLight \
         --section LaunchStats --section Occupancy --section WarpStateStats python3 scripts/profile_decode.py --iters 1 \
         2>&1 | tail -150 > "$OUT/ncu.txt"
     else
