@@ -77,6 +77,26 @@ def main() -> None:
     torch.cuda.synchronize()
     print(f"op wall µs per call: {(time.perf_counter() - t0) / args.iters * 1e6:.1f} (state hits "
           f"{dec.STATES.stats['hits']})")
+    # Host time of the op's parts (each enqueued back to back without a sync, so the GPU does not set the pace,
+    # except for the lookup, whose host sync is part of its cost).
+    key = dec.state_key(k, v, c.block_size, c.block_stride, c.selection_block_size)
+    last = torch.zeros(1, dtype=torch.long, device="cuda")
+
+    def host_us(fn):
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.iters):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / args.iters * 1e6
+
+    for name, fn in (("state lookup (gather, compare, one host sync)", lambda: dec.STATES.lookup(k, v, key, last)),
+                     ("sparse_decode_triton (buffers + 4 launches)", sparse),
+                     ("dense SDPA", dense),
+                     ("whole op", op)):
+        print(f"host µs per call: {name}: {host_us(fn):.1f}")
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.iters):

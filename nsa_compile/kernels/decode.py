@@ -40,7 +40,7 @@ Triton kernels, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
    buffer for scoring) and an online-softmax partial of the compression branch (split-K).
 2. ``_dec_select_kernel`` — grid (B·Hkv·Tq): merges the S1 partial log-sum-exps, scores *all* selection blocks
    (group-summed compression probabilities of the compressed blocks overlapping each, NSA eq. 9-10), finds the
-   top-n in registers by a 4-pass radix select on the fp32 score bits (8-bit digits, ``tl.histogram``) at the
+   top-n in registers by a radix select on the fp32 score bits (8-bit digits, ``tl.histogram``) at the
    reference's resolution, ties going to the earlier block exactly as `selection.select_block_ids`, and writes the
    chosen block ids (−1 padded).
 3. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): program j attends its share of the work: the chosen blocks of rank
@@ -506,7 +506,9 @@ if HAS_TRITON:
                     + tl.arange(0, D)[None, :], mask=(g < G)[:, None], other=0.0)
         return t, b, hkv, q
 
-    @triton.jit
+    # tiles_per_split is not specialised: Triton's specialisation of an integer argument equal to 1 (one tile per
+    # program, the default split at long context) made this kernel ~12× slower on an H100 (80 against 7 µs at 128K).
+    @triton.jit(do_not_specialize=["tiles_per_split"])
     def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1,
                         sqb, sqh, sqt, skb, skh, skc, svb, svh, svc,
                         TQ, p0, NC, S1, tiles_per_split, scale,
@@ -550,10 +552,10 @@ if HAS_TRITON:
         tl.store(O1 + o[:, None] * DV + dv[None, :], acc)
 
     @triton.jit
-    def _dec_select_kernel(S, M1, L1, SEND, BFIRST, BLAST, SEL,
-                           TQ, p0, NC, NS, S1, top_n, n_sel_max, idb,
+    def _dec_select_kernel(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL,
+                           TQ, p0, NC, NS, S1, top_n, n_sel_max,
                            HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr,
-                           NS_PAD: tl.constexpr, W_BAND: tl.constexpr):
+                           NS_PAD: tl.constexpr, W_BAND: tl.constexpr, IDB: tl.constexpr):
         """One program per (batch, KV head, query): block scores and the top-n, written to SEL in block order."""
         pid = tl.program_id(0)
         t = pid % TQ
@@ -561,7 +563,8 @@ if HAS_TRITON:
         p = p0 + t
         g = tl.arange(0, GP)
 
-        # 1. log-sum-exp of each row's compression softmax, from the S1 partials of _dec_cmp_kernel.
+        # 1. log-sum-exp of each row's compression softmax, from the S1 partials of _dec_cmp_kernel; through the
+        #    LSE scratch so that each head's value is then a scalar load (no reduction per head below).
         sp = tl.arange(0, S1P)
         o1 = (pid * S1 + sp[None, :]).to(tl.int64) * GP + g[:, None]
         ms = tl.load(M1 + o1, mask=sp[None, :] < S1, other=float("-inf"))
@@ -569,17 +572,19 @@ if HAS_TRITON:
         mx = tl.max(ms, 1)
         mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
         tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
-        lse = tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf"))
+        tl.store(LSE + pid * GP + g, tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf")))
+        tl.debug_barrier()
 
-        # 2. score of every selection block: Σ over the group's heads and the overlapping compressed blocks.
+        # 2. score of every selection block: Σ over the group's heads and the overlapping compressed blocks (the
+        #    heads unrolled, so their loads are in flight together).
         sb = tl.arange(0, NS_PAD)
         sok = sb < NS
         rowb = b.to(tl.int64) * NS
         first = tl.load(BFIRST + rowb + sb, mask=sok, other=0)
         last = tl.load(BLAST + rowb + sb, mask=sok, other=0)
         score = tl.zeros([NS_PAD], tl.float32)
-        for gg in range(0, G):
-            lse_g = tl.sum(tl.where(g == gg, lse, 0.0), 0)
+        for gg in tl.static_range(G):
+            lse_g = tl.load(LSE + pid * GP + gg)
             srow = S + (pid * GP + gg).to(tl.int64) * NC
             for i in range(0, W_BAND):
                 c = first + i
@@ -589,26 +594,29 @@ if HAS_TRITON:
 
         # 3. top-n of the candidates (blocks ending at or before p): radix select of the n-th largest score bits
         #    (non-negative fp32 bits order like the floats), then ties at that value go to the earliest blocks.
+        #    8-bit digits from the top; digits below the reference's resolution (IDB = selection.key_id_bits low
+        #    bits, cleared) are all 0 and their passes are skipped.
         send = tl.load(SEND + rowb + sb, mask=sok, other=2147483647)
         cand = sok & (send <= p)
         bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        bits = tl.where(cand, (bits >> idb) << idb, -1)  # the reference's resolution (selection.key_id_bits)
+        bits = tl.where(cand, (bits >> IDB) << IDB, -1)
         ncand = tl.sum(cand.to(tl.int32), 0)
         need = top_n + 0 * ncand
         prefix = ncand.to(tl.int64) * 0
         hmask = ncand.to(tl.int64) * 0
         dd = tl.arange(0, 512)
         for ps in tl.static_range(4):
-            shift = 24 - 8 * ps
-            ingrp = cand & ((bits & hmask) == prefix)
-            digit = (bits >> shift) & 255
-            hist = tl.histogram(tl.where(ingrp, digit + 1, 0).to(tl.int32), 512)
-            cnt_ge = NS_PAD - tl.cumsum(hist, 0)  # in-group blocks whose digit ≥ dd (for dd < 256)
-            dstar = tl.max(tl.where((dd < 256) & (cnt_ge >= need), dd, -1), 0)
-            cnt_gt = tl.sum(tl.where(dd == dstar + 1, cnt_ge, 0), 0)
-            need = need - cnt_gt
-            prefix = prefix | (dstar.to(tl.int64) << shift)
-            hmask = hmask | (255 << shift)
+            if 32 - 8 * ps > IDB:  # the digit's bits 24 − 8·ps … 31 − 8·ps are not all cleared
+                shift = 24 - 8 * ps
+                ingrp = cand & ((bits & hmask) == prefix)
+                digit = (bits >> shift) & 255
+                hist = tl.histogram(tl.where(ingrp, digit + 1, 0).to(tl.int32), 512)
+                cnt_ge = NS_PAD - tl.cumsum(hist, 0)  # in-group blocks whose digit ≥ dd (for dd < 256)
+                dstar = tl.max(tl.where((dd < 256) & (cnt_ge >= need), dd, -1), 0)
+                cnt_gt = tl.sum(tl.where(dd == dstar + 1, cnt_ge, 0), 0)
+                need = need - cnt_gt
+                prefix = prefix | (dstar.to(tl.int64) << shift)
+                hmask = hmask | (255 << shift)
         gt = cand & (bits > prefix)
         eq = cand & (bits == prefix)
         eq_rank = tl.cumsum(eq.to(tl.int32), 0)
@@ -797,6 +805,7 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
             rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
             rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv))
         SEL = _scratch(rows * max(n_sel, 1), q.device, torch.int32)  # chosen block ids
+        LSE = _scratch(rows * GP, q.device)  # compression log-sum-exp per row and head
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp
@@ -807,9 +816,9 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
             TQ, p0, NC, S1, tiles_per_split, scale,
             HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision, num_warps=8, num_stages=1)
         _dec_select_kernel[(rows,)](
-            S, M1, L1, state.sel_end, state.band_first, state.band_last, SEL,
-            TQ, p0, NC, NS, S1, top_n, n_sel, key_id_bits(NS),
-            HKV=Hkv, G=G, GP=GP, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width,
+            S, M1, L1, LSE, state.sel_end, state.band_first, state.band_last, SEL,
+            TQ, p0, NC, NS, S1, top_n, n_sel,
+            HKV=Hkv, G=G, GP=GP, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width, IDB=key_id_bits(NS),
             num_warps=8 if NS_PAD <= 8192 else 16)
         _dec_attn_kernel[(rows, S2)](
             qc, k, v, SEL, state.sel_start, state.sel_end, state.txt_start, state.txt_end, state.n_txt, M2, L2, O2,

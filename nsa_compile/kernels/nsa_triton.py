@@ -112,19 +112,34 @@ def _pad_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Ten
     return q, k, v
 
 
+# The forward's fp32 accumulator is allocated per chunk of KV heads (with their GQA groups) of at most this many
+# bytes, so its peak stays near the output's size at long context; below it, one chunk (fewer, fuller launches).
+ACC_CHUNK_BYTES = 256 << 20
+
+
+def kv_head_chunks(B: int, Hkv: int, G: int, Tq: int, Dv: int) -> int:
+    """Chunks the forward splits the KV heads in: the smallest divisor c of Hkv with an fp32 accumulator of
+    B·(Hkv/c)·G·Tq·Dv·4 bytes ≤ `ACC_CHUNK_BYTES` (Hkv when none is), so every chunk compiles the same kernels."""
+    per_kv = B * G * Tq * triton.next_power_of_2(Dv) * 4
+    return next((c for c in range(1, Hkv + 1) if Hkv % c == 0 and per_kv * (Hkv // c) <= ACC_CHUNK_BYTES), Hkv)
+
+
 def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int, top_n: int,
-                    backward: bool) -> int:
+                    backward: bool, itemsize: int = 2) -> int:
     """Bytes the Triton path allocates beyond its inputs (and, for the backward, beyond the output gradient) at its
-    peak, for head dims D, Dv and ``top_n`` blocks: the fp32 accumulator (forward) or the fp32 dq, dk, dv and the
-    selection's tile lists (backward), the top-n ids, softmax statistics and layout tables. An upper bound within a
-    few percent; the README's "Memory" table lists it for Qwen2.5-VL-7B's attention."""
+    peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and its
+    fp32 accumulator over one chunk of KV heads (`kv_head_chunks`), the backward's fp32 dq, dk, dv and the
+    selection's tile lists, the top-n ids, softmax statistics and layout tables. An upper bound within a few
+    percent; the README's "Memory" table lists it for Qwen2.5-VL-7B's attention."""
     Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
-    pad = (B * Hq * Tq * Dp + B * Hkv * Tk * Dp) * 2 * (Dp != D) + B * Hkv * Tk * Dvp * 2 * (Dvp != Dv)
+    pad = (B * Hq * Tq * Dp + B * Hkv * Tk * Dp) * itemsize * (Dp != D) + B * Hkv * Tk * Dvp * itemsize * (Dvp != Dv)
     rows = B * Hq * Tq * 4 * 4  # lse, rowdot, delta, gates (fp32)
     sel = B * Hkv * Tq * top_n * 4
     layout = B * Tk * 8 * 12
     if not backward:
-        return pad + B * Hq * Tq * Dvp * 4 + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * 2 // 32
+        acc = B * Hq * Tq * Dvp * 4 // kv_head_chunks(B, Hkv, Hq // Hkv, Tq, Dv)
+        out = B * Hq * Tq * Dv * itemsize
+        return pad + out + acc + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32
     csr = B * Hkv * Tq * (top_n + 1) * 8 * 4  # keys, sort buffers, unique flags
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4)
@@ -136,7 +151,7 @@ def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_s
         return
     n = min(top_n, -(-k.shape[2] // selection_block_size))  # the top-n kernel keeps at most one id per block
     need = memory_estimate(q.shape[0], q.shape[1], k.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3], n,
-                           backward)
+                           backward, q.element_size())
     free, _ = torch.cuda.mem_get_info(q.device)
     free += torch.cuda.memory_reserved(q.device) - torch.cuda.memory_allocated(q.device)
     if need > free:
@@ -153,28 +168,42 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
     fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
     An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
-    `nsa.key_padding`); other masks need the reference.
+    `nsa.key_padding`); other masks need the reference. The branches run per chunk of KV heads
+    (`kv_head_chunks`), so the fp32 accumulator of the gated sum never holds all heads at long context.
+    ``_keep`` (tests) receives the layout, the video-query flags and ``selected``, the top-n block ids
+    int32 [B, Hkv, Tq, n].
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
     """
     _check_memory(q, k, v, top_n, selection_block_size, backward=False)
     Dv = v.shape[-1]
+    out = torch.empty(*q.shape[:3], Dv, dtype=q.dtype, device=q.device)
     q, k, v = _pad_head_dims(q, k, v)
     B, Hq, Tq, _ = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
                                          window_size, key_valid)
-    g = gates.float().contiguous()
-    acc = torch.zeros(B, Hq, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
-    for name in ORDER:
-        if name in branches:
-            plan, kk, vv = branches[name]
-            lse, _ = segment_attention_fwd(q, kk, vv, scale, plan, g, acc=acc)
-            if name == "compression":
-                _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
+    step = Hkv // kv_head_chunks(B, Hkv, G, Tq, v.shape[-1])
+    selected = []
+    for h0 in range(0, Hkv, step):  # KV heads h0 … h0+step−1 and their query heads
+        hq = slice(h0 * G, (h0 + step) * G)
+        qc, g = q[:, hq], gates[:, hq].float().contiguous()
+        acc = torch.zeros(B, step * G, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
+        for name in ORDER:
+            if name in branches:
+                plan, kk, vv = branches[name]
+                kc, vc = kk[:, h0:h0 + step], vv[:, h0:h0 + step]
+                lse, _ = segment_attention_fwd(qc, kc, vc, scale, plan, g, acc=acc)
+                if name == "compression":
+                    _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
+                    selected.append(branches["selection"][0].selected)
+        out[:, hq] = acc[..., :Dv]
+        del acc
     if _keep is not None:
-        _keep.update(layout=layout, video_q=video_q, branches=branches)
-    return acc[..., :Dv].to(q.dtype)
+        _keep.update(layout=layout, video_q=video_q, selected=torch.cat(selected, 1) if selected else None)
+    return out
 
 
 def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_stride: int) -> Tensor:

@@ -184,6 +184,26 @@ def test_radix_top_n_breaks_ties_like_the_reference(monkeypatch):
     assert rel(dec.sparse_decode_triton(q, k, v, gates, state, 0.25, 3, 8), ref) <= 1e-5
 
 
+def test_radix_top_n_over_hundreds_of_blocks_skips_cleared_digits(monkeypatch):
+    """300 selection blocks: the score keys' low key_id_bits(300) = 9 bits are cleared, so the radix select runs
+    3 of its 4 digit passes (the last digit is 0 everywhere); the picks must still be the reference's."""
+    from nsa_compile.kernels.selection import key_id_bits
+
+    monkeypatch.setattr(dec, "POISON_SCRATCH", True)
+    B, Hq, Hkv, Tk, D, blk = 1, 6, 2, 1204, 16, 4
+    assert key_id_bits(Tk // blk) == 9
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(B, Hq, 2, D, generator=g).to(DEV)
+    k, v = (torch.randn(B, Hkv, Tk, D, generator=g).to(DEV) for _ in range(2))
+    gates = torch.rand(B, Hq, 2, 3, generator=g).to(DEV)
+    video = spans(B, Tk - 2, [[(0, Tk - 4)]]).to(DEV)
+    state = dec.build_decode_state(k[:, :, :Tk - 2], v[:, :, :Tk - 2], video, blk, blk, blk)
+    full = torch.cat([video, torch.zeros(B, 2, dtype=torch.bool, device=DEV)], 1)
+    ref = nsa_reference(*(x.double() for x in (q, k, v, gates)), full, None, 0.25, blk, blk, blk, 7, 8,
+                        decode="sparse")
+    assert rel(dec.sparse_decode_triton(q, k, v, gates, state, 0.25, 7, 8).double(), ref) <= 1e-5
+
+
 # ------------------------------------------------------------------------------------------ the op and its state
 def _cfg(**kw):
     base = dict(block_size=16, block_stride=8, selection_block_size=16, top_n=3, window_size=24, decode="sparse")
@@ -345,7 +365,7 @@ def test_decode_kernels_gpu_against_reference(T, preset, dtype):
                         cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size, decode="sparse")
     out = torch.full(q.shape, float("nan"), dtype=dtype, device="cuda")
     dec.sparse_decode_triton(q, k, v, gates, state, scale, cfg.top_n, cfg.window_size, out=out)
-    assert rel(out.double(), ref) <= 2e-2
+    assert rel(out.double(), ref) <= 1e-2
 
 
 @pytest.mark.gpu
@@ -361,7 +381,7 @@ def test_decode_op_gpu_finds_state_and_is_cuda_graph_capturable():
     out = nsa_attention(q, k, v, gates, torch.zeros(1, 1, dtype=torch.bool, device="cuda"), cfg)
     ref = nsa_reference(q.double(), k.double(), v.double(), gates.double(), full, None, None, 64, 64, 64, 32, 256,
                         decode="sparse")
-    assert rel(out.double(), ref) <= 2e-2 and dec.STATES.stats["hits"] == 1
+    assert rel(out.double(), ref) <= 1e-2 and dec.STATES.stats["hits"] == 1
     scale = 1 / math.sqrt(128)
     static_out = torch.empty_like(out)
     dec.sparse_decode_triton(q, k, v, gates, state, scale, 32, 256, out=static_out)  # compile outside capture
@@ -371,4 +391,4 @@ def test_decode_op_gpu_finds_state_and_is_cuda_graph_capturable():
     static_out.fill_(float("nan"))
     graph.replay()
     torch.cuda.synchronize()
-    assert rel(static_out.double(), ref) <= 2e-2
+    assert rel(static_out.double(), ref) <= 1e-2
