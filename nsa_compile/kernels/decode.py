@@ -740,10 +740,16 @@ if HAS_TRITON:
 POISON_SCRATCH = False
 
 
-def _scratch(n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> Tensor:
-    if POISON_SCRATCH:  # NaN, or for ids an index far out of range
-        return torch.full((n,), float("nan") if dtype.is_floating_point else INT32_MAX, dtype=dtype, device=device)
-    return torch.empty(n, dtype=dtype, device=device)
+def _scratch(sizes: tuple[int, ...], device: torch.device) -> list[Tensor]:
+    """fp32 buffers of the given element counts, carved from one allocation (one allocator call per launch
+    group: the decode step's host time counts). Poisoned with NaN when `POISON_SCRATCH` (viewed as int32, as the
+    chosen-id buffer is, NaN is an id far out of range)."""
+    padded = [-(-n // 32) * 32 for n in sizes]  # every buffer 128-byte aligned (Triton specialises on alignment)
+    if POISON_SCRATCH:
+        flat = torch.full((sum(padded),), float("nan"), dtype=torch.float32, device=device)
+    else:
+        flat = torch.empty(sum(padded), dtype=torch.float32, device=device)
+    return [part[:n] for part, n in zip(flat.split(padded), sizes)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -801,11 +807,12 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         S1 = -(-n_tiles // tiles_per_split)
         items = n_sel * NCH + -(-window_size // BLOCK_N) + NT + -(-(Tk - state.anchor) // BLOCK_N) + 1
         S2 = split_attn or max(1, min(64, -(-items // 2), -(-2 * target // rows)))
-        S, M1, L1, O1, M2, L2, O2 = (_scratch(n, q.device) for n in (
+        # logits; compression partials (m, l, o); selection and window partials; compression log-sum-exp per row
+        # and head; chosen block ids (int32)
+        S, M1, L1, O1, M2, L2, O2, LSE, SEL = _scratch((
             rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
-            rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv))
-        SEL = _scratch(rows * max(n_sel, 1), q.device, torch.int32)  # chosen block ids
-        LSE = _scratch(rows * GP, q.device)  # compression log-sum-exp per row and head
+            rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv, rows * GP, rows * max(n_sel, 1)), q.device)
+        SEL = SEL.view(torch.int32)
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp
