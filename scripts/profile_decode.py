@@ -97,6 +97,12 @@ def main() -> None:
                      ("dense SDPA", dense),
                      ("whole op", op)):
         print(f"host µs per call: {name}: {host_us(fn):.1f}")
+    # Where the op's host time goes, op by op (CPU self time, including the dispatch of the custom op itself).
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            op()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(args.iters):
