@@ -145,7 +145,7 @@ def _text_only_cases():
 def test_decode_kernels_interpreter_against_reference(case, dtype, tol, monkeypatch):
     monkeypatch.setattr(dec, "POISON_SCRATCH", True)
     q, k, v, gates, video, (l, d, ls, n, w) = _inputs(case, dtype, seed=4)
-    B, Tk, Tq = k.shape[0], k.shape[2], q.shape[2]
+    Tk, Tq = k.shape[2], q.shape[2]
     anchor = Tk - Tq - 2  # two decoded (text) tokens after the state's anchor
     state = dec.build_decode_state(k[:, :, :anchor], v[:, :, :anchor], video[:, :anchor], l, d, ls)
     scale = 1 / math.sqrt(q.shape[-1])
