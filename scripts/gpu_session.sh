@@ -13,7 +13,7 @@
 #   e2e     the 7B end-to-end benchmark at 32K and 128K (prefill, decode, attention at decode) ~9
 #   probe   the longest video each mode fits in (fit probe)                                 ~9
 #   decode  decode GPU tests, then the 128K end to end and shape A at 128K                    ~8
-#   profile decode kernels one by one (128K, 32K), the op's host time, a profiled 128K prefill, ncu      ~8
+#   profile decode kernels one by one and under launch variants (128K, 32K), the op's host time, a profiled 128K prefill, ncu ~8
 set -uo pipefail
 cd "$(dirname "$0")/.."
 stage=${1:?stage: prepare tests long fuzz attn attnB e2e probe decode profile}

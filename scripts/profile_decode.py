@@ -1,29 +1,89 @@
 """GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode; the
-op's wall time per call and where its host side goes (cProfile); the compression kernel at other splits.
+op's wall time per call and where its host side goes (per part, per aten op, cProfile); then each kernel's time
+under launch variants (splits of the compression and attention kernels), with each variant's output checked
+against the default's. ``--phases`` adds copies of the select kernel with phases cut out (their picks are wrong:
+timing only), which split its time into scoring and radix passes.
 
-    python scripts/profile_decode.py [--tokens 131072]   # on a GPU machine: bash scripts/gpu_session.sh profile
+    python scripts/profile_decode.py [--tokens 131072] [--phases]   # on a GPU machine (gpu_session.sh profile)
 
 Qwen2.5-VL-7B's attention shape (28 query heads over 4 KV heads, head dim 128, bf16), the ``videonsa`` preset, a
 cache of video tokens then 64 text tokens, one new text query.
 """
 import argparse
 import cProfile
+import importlib.util
+import inspect
 import math
+import os
 import pstats
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
+import triton
 from torch.profiler import ProfilerActivity, profile
 
 from nsa_compile import NSAConfig
 from nsa_compile.kernels import decode as dec
+
+KERNELS = ("_dec_cmp_kernel", "_dec_select_kernel", "_dec_attn_kernel", "_dec_combine_kernel")
+
+
+def select_phase_cuts() -> dict:
+    """Copies of _dec_select_kernel with a phase cut out (timing only: their picks are wrong), by name."""
+    src = "\n".join(line[4:] for line in inspect.getsource(dec._dec_select_kernel.fn).splitlines())
+    cuts = {
+        "1 radix pass": ("for ps in tl.static_range(4):", "for ps in tl.static_range(1):"),
+        "no radix": ("for ps in tl.static_range(4):", "for ps in tl.static_range(0):"),
+        "no scoring": ("for gg in tl.static_range(G):", "for gg in tl.static_range(0):"),
+    }
+    kernels, folder = {}, tempfile.mkdtemp()
+    for i, (name, (a, b)) in enumerate(cuts.items()):
+        assert a in src, a
+        path = os.path.join(folder, f"select_cut{i}.py")
+        with open(path, "w") as f:
+            f.write("import triton\nimport triton.language as tl\n\n\n" + src.replace(a, b))
+        spec = importlib.util.spec_from_file_location(f"select_cut{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        kernels[name] = module._dec_select_kernel
+    return kernels
+
+
+def variant_table(run, out, variants, dense_us: float) -> None:
+    """Per variant (name, sparse_decode_triton kwargs, {kernel name: replacement}): the total (CUDA graph), each
+    kernel's time (torch.profiler) and the output's relative difference from the default launch's."""
+    original = {n: getattr(dec, n) for n in KERNELS}
+    run()
+    ref = out.float().clone()
+    try:
+        for name, kw, patch in variants:
+            for n in KERNELS:
+                setattr(dec, n, patch.get(n, original[n]))
+            fn = lambda: run(**kw)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            diff = ((out.float() - ref).norm() / ref.norm()).item()
+            total = triton.testing.do_bench_cudagraph(fn) * 1e3
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    fn()
+                torch.cuda.synchronize()
+            per = {e.key[5:-7]: (getattr(e, "self_device_time_total", None) or e.self_cuda_time_total) / e.count
+                   for e in prof.key_averages() if e.key.startswith("_dec_")}
+            print(f"{name:22s} total {total:7.1f} µs ({dense_us / total:4.2f}× dense)  "
+                  + "  ".join(f"{kk} {vv:6.1f}" for kk, vv in per.items()) + f"  diff {diff:.1e}", flush=True)
+    finally:
+        for n in KERNELS:
+            setattr(dec, n, original[n])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--phases", action="store_true", help="also time the select kernel with phases cut out")
     args = ap.parse_args()
     c = NSAConfig.preset("videonsa")
     T, Hq, Hkv, D = args.tokens, 28, 4, 128
@@ -38,8 +98,8 @@ def main() -> None:
     scale = 1 / math.sqrt(D)
     out = torch.empty_like(q)
 
-    def sparse():
-        dec.sparse_decode_triton(q, k, v, gates, state, scale, c.top_n, c.window_size, out=out)
+    def sparse(**launch):
+        dec.sparse_decode_triton(q, k, v, gates, state, scale, c.top_n, c.window_size, out=out, **launch)
 
     def dense():
         F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
@@ -55,9 +115,8 @@ def main() -> None:
     print(f"cache {T} tokens, {args.iters} iterations; NC={state.k_cmp.shape[2]} NS={state.sel_start.shape[1]} "
           f"NT={state.txt_start.shape[1]} band_width={state.band_width}")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=60))
-    import triton
-    print("cudagraph µs: sparse", triton.testing.do_bench_cudagraph(sparse) * 1e3,
-          "dense", triton.testing.do_bench_cudagraph(dense) * 1e3)
+    dense_us = triton.testing.do_bench_cudagraph(dense) * 1e3
+    print("cudagraph µs: sparse", triton.testing.do_bench_cudagraph(sparse) * 1e3, "dense", dense_us)
     # The op as the model calls it: state lookup (one host sync), then the kernels; wall time and where the host
     # spends it.
     dec.STATES.clear()
@@ -110,13 +169,13 @@ def main() -> None:
     torch.cuda.synchronize()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-    # Does the compression kernel's time follow its programs or its tiles? Same work in fewer programs.
-    for split in (1, 4, 16, 64):
-        def fn():
-            dec.sparse_decode_triton(q, k, v, gates, state, scale, c.top_n, c.window_size, split_cmp=split, out=out)
-        print(f"cudagraph µs: sparse with {split} compression programs per row",
-              triton.testing.do_bench_cudagraph(fn) * 1e3)
-
+    # Launch variants: programs per row of the compression kernel (S1, default: one 64-block tile each) and of
+    # the attention kernel (S2); with --phases, the select kernel's phases.
+    variants = [("default", {}, {})] + [(f"S1={s1}", dict(split_cmp=s1), {}) for s1 in (1, 4, 16)] + \
+        [(f"S2={s2}", dict(split_attn=s2), {}) for s2 in (12, 40)]
+    if args.phases:
+        variants += [(f"select {n}", {}, {"_dec_select_kernel": kern}) for n, kern in select_phase_cuts().items()]
+    variant_table(sparse, out, variants, dense_us)
 
 if __name__ == "__main__":
     main()
