@@ -1,22 +1,18 @@
 """GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode; the
 op's wall time per call and where its host side goes (per part, per aten op, cProfile); then each kernel's time
-under launch variants (splits of the compression and attention kernels), with each variant's output checked
-against the default's. ``--phases`` adds copies of the select kernel with phases cut out (their picks are wrong:
-timing only), which split its time into scoring and radix passes.
+under launch variants (selection fused or in its own launch, with or without programmatic dependent launch, splits
+of the compression and attention kernels), each variant's output checked against the default's; last, how many of
+``--repeat-check`` runs differ bitwise from the first (the hand-over between programs and kernels).
 
-    python scripts/profile_decode.py [--tokens 131072] [--phases]   # on a GPU machine (gpu_session.sh profile)
+    python scripts/profile_decode.py [--tokens 131072]   # on a GPU machine
 
 Qwen2.5-VL-7B's attention shape (28 query heads over 4 KV heads, head dim 128, bf16), the ``videonsa`` preset, a
 cache of video tokens then 64 text tokens, one new text query.
 """
 import argparse
 import cProfile
-import importlib.util
-import inspect
 import math
-import os
 import pstats
-import tempfile
 import time
 
 import torch
@@ -28,27 +24,6 @@ from nsa_compile import NSAConfig
 from nsa_compile.kernels import decode as dec
 
 KERNELS = ("_dec_cmp_kernel", "_dec_select_kernel", "_dec_attn_kernel", "_dec_combine_kernel")
-
-
-def select_phase_cuts() -> dict:
-    """Copies of _dec_select_kernel with a phase cut out (timing only: their picks are wrong), by name."""
-    src = "\n".join(line[4:] for line in inspect.getsource(dec._dec_select_kernel.fn).splitlines())
-    cuts = {
-        "1 radix pass": ("for ps in tl.static_range(4):", "for ps in tl.static_range(1):"),
-        "no radix": ("for ps in tl.static_range(4):", "for ps in tl.static_range(0):"),
-        "no scoring": ("for gg in tl.static_range(G):", "for gg in tl.static_range(0):"),
-    }
-    kernels, folder = {}, tempfile.mkdtemp()
-    for i, (name, (a, b)) in enumerate(cuts.items()):
-        assert a in src, a
-        path = os.path.join(folder, f"select_cut{i}.py")
-        with open(path, "w") as f:
-            f.write("import triton\nimport triton.language as tl\n\n\n" + src.replace(a, b))
-        spec = importlib.util.spec_from_file_location(f"select_cut{i}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        kernels[name] = module._dec_select_kernel
-    return kernels
 
 
 def variant_table(run, out, variants, dense_us: float) -> None:
@@ -83,7 +58,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=131072)
     ap.add_argument("--iters", type=int, default=50)
-    ap.add_argument("--phases", action="store_true", help="also time the select kernel with phases cut out")
+    ap.add_argument("--repeat-check", type=int, default=2000, help="runs compared bitwise with the first")
     args = ap.parse_args()
     c = NSAConfig.preset("videonsa")
     T, Hq, Hkv, D = args.tokens, 28, 4, 128
@@ -152,7 +127,7 @@ def main() -> None:
         return (t1 - t0) / args.iters * 1e6
 
     for name, fn in (("state lookup (gather, compare, one host sync)", lambda: dec.STATES.lookup(k, v, key, last)),
-                     ("sparse_decode_triton (buffers + 4 launches)", sparse),
+                     ("sparse_decode_triton (buffers + 3 launches)", sparse),
                      ("dense SDPA", dense),
                      ("whole op", op)):
         print(f"host µs per call: {name}: {host_us(fn):.1f}")
@@ -169,13 +144,23 @@ def main() -> None:
     torch.cuda.synchronize()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-    # Launch variants: programs per row of the compression kernel (S1, default: one 64-block tile each) and of
-    # the attention kernel (S2); with --phases, the select kernel's phases.
-    variants = [("default", {}, {})] + [(f"S1={s1}", dict(split_cmp=s1), {}) for s1 in (1, 4, 16)] + \
-        [(f"S2={s2}", dict(split_attn=s2), {}) for s2 in (12, 40)]
-    if args.phases:
-        variants += [(f"select {n}", {}, {"_dec_select_kernel": kern}) for n, kern in select_phase_cuts().items()]
+    # Launch variants: the selection in the compression kernel's last program per row (default) or in its own
+    # launch; programmatic dependent launch (default on sm_90) or not; programs per row of the compression kernel
+    # (S1, default: one 64-block tile each) and of the attention kernel (S2).
+    variants = [("default", {}, {}), ("select unfused", dict(fused=False), {}), ("no pdl", dict(pdl=False), {}),
+                ("select unfused, no pdl", dict(fused=False, pdl=False), {})] + \
+        [(f"S1={s1}", dict(split_cmp=s1), {}) for s1 in (8, 16)] + \
+        [(f"S2={s2}", dict(split_attn=s2), {}) for s2 in (12, 32)]
     variant_table(sparse, out, variants, dense_us)
+    # The fused launches hand partials between programs through L2 (a ticket per row): a missing release/acquire
+    # would show as runs whose output differs from the first run's (the kernels are otherwise deterministic).
+    sparse()
+    first = out.clone()
+    bad = 0
+    for _ in range(args.repeat_check):
+        sparse()
+        bad += int(not torch.equal(out, first))
+    print(f"repeatability: {bad} of {args.repeat_check} runs differ bitwise from the first")
 
 if __name__ == "__main__":
     main()

@@ -32,21 +32,23 @@ fingerprints are deduplicated). Never stale:
 Cached tokens the state never saw (earlier decode steps) are text. The store is bounded (``STATES.max_bytes``,
 LRU; evictions warn) and emptied by `clear_decode_states` (``nsa_compile.kernels.decode.clear_decode_states``).
 
-**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): four
-Triton kernels, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
+**GPU path** (CUDA, fp16 / bf16 / fp32, power-of-two head dims 16–256, fp32 up to 128, no ``attn_mask``): three
+Triton launches, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
 
 1. ``_dec_cmp_kernel`` — grid (B·Hkv·Tq, S1): each program takes the G query heads of one GQA group at one query
    position (rows padded to ≥ 16 for ``tl.dot``) and a slice of the compressed blocks: logits (kept in a scratch
-   buffer for scoring) and an online-softmax partial of the compression branch (split-K).
-2. ``_dec_select_kernel`` — grid (B·Hkv·Tq): merges the S1 partial log-sum-exps, scores *all* selection blocks
-   (group-summed compression probabilities of the compressed blocks overlapping each, NSA eq. 9-10), finds the
-   top-n in registers by a radix select on the fp32 score bits (8-bit digits, ``tl.histogram``) at the
-   reference's resolution, ties going to the earlier block exactly as `selection.select_block_ids`, and writes the
-   chosen block ids (−1 padded).
-3. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): program j attends its share of the work: the chosen blocks of rank
-   j, j+S2, …, the text keys (tables of ≤ BLOCK_N-token chunks up to the anchor, then the tail of decoded tokens)
-   and the window chunks, as online-softmax partials of the selection and window branches.
-4. ``_dec_combine_kernel`` — grid (B·Hkv·Tq, G): merges the partials of the three branches and applies the gates;
+   buffer for scoring) and an online-softmax partial of the compression branch (split-K). The last of a row's S1
+   programs to finish (a ticket per row: ``tl.atomic_add`` with acquire-release semantics after a block barrier,
+   the partials then read through L2) runs the row's selection (`_select_row`): it merges the S1 partial
+   log-sum-exps, scores *all* selection blocks (group-summed compression probabilities of the compressed blocks
+   overlapping each, NSA eq. 9-10) and takes the top-n by one bitonic ``tl.topk`` over unique int32 keys (the
+   score's bits at the reference's resolution, then the reversed block id: ties go to the earlier block exactly
+   as `selection.select_block_ids`), writing the chosen block ids (−1 padded).
+2. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): the work items of a row (chosen blocks by rank, then the text keys
+   — tables of ≤ BLOCK_N-token chunks up to the anchor, then the tail of decoded tokens — then the window's
+   chunks) are numbered in that order and program j takes items j, j+S2, …; it writes online-softmax partials of
+   the selection and window branches.
+3. ``_dec_combine_kernel`` — grid (B·Hkv·Tq, G): merges the partials of the three branches and applies the gates;
    a text query with no video before it gets the selection branch alone, which is then exact dense attention.
 
 Elsewhere (CPU, ``attn_mask``, odd head dims) the op runs `nsa_reference(..., decode="sparse")` with the sequence
@@ -78,6 +80,11 @@ try:  # Triton is optional: without it every call runs the reference
     import triton
     import triton.language as tl
     HAS_TRITON = True
+    try:  # programmatic dependent launch (Hopper and later; triton ≥ 3.4)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+        HAS_PDL = True
+    except ImportError:  # pragma: no cover
+        HAS_PDL = False
 except ImportError:  # pragma: no cover - triton ships with CUDA torch and is installed for the tests
     HAS_TRITON = False
 
@@ -506,14 +513,69 @@ if HAS_TRITON:
                     + tl.arange(0, D)[None, :], mask=(g < G)[:, None], other=0.0)
         return t, b, hkv, q
 
+    @triton.jit
+    def _select_row(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL, pid, TQ, p0, NC, NS, S1, top_n, n_sel_max,
+                    HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr, NS_PAD: tl.constexpr,
+                    W_BAND: tl.constexpr, IDB: tl.constexpr, TOP_K: tl.constexpr):
+        """Block scores and the top-n of query row ``pid`` (= (b·HKV + hkv)·TQ + t), from the compression kernel's
+        logits S and S1 partials (read through L2: other programs wrote them), written to SEL (−1 padded)."""
+        t = pid % TQ
+        b = pid // TQ // HKV
+        p = p0 + t
+        g = tl.arange(0, GP)
+
+        # 1. log-sum-exp of each row's compression softmax, from the S1 partials; through the LSE scratch so that
+        #    each head's value is then a scalar load (no reduction per head below).
+        sp = tl.arange(0, S1P)
+        o1 = (pid * S1 + sp[None, :]).to(tl.int64) * GP + g[:, None]
+        ms = tl.load(M1 + o1, mask=sp[None, :] < S1, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(L1 + o1, mask=sp[None, :] < S1, other=0.0, cache_modifier=".cg")
+        mx = tl.max(ms, 1)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
+        tl.store(LSE + pid * GP + g, tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf")))
+        tl.debug_barrier()
+
+        # 2. score of every selection block: Σ over the group's heads and the overlapping compressed blocks (NSA
+        #    eqs. 9-10).
+        sb = tl.arange(0, NS_PAD)
+        sok = sb < NS
+        rowb = b.to(tl.int64) * NS
+        first = tl.load(BFIRST + rowb + sb, mask=sok, other=0)
+        last = tl.load(BLAST + rowb + sb, mask=sok, other=0)
+        send = tl.load(SEND + rowb + sb, mask=sok, other=2147483647)
+        score = tl.zeros([NS_PAD], tl.float32)
+        for i in range(0, W_BAND):  # one iteration when blocks and selection blocks coincide (videonsa)
+            c = first + i
+            ok = sok & (c < last)
+            for gg in tl.static_range(G):  # inside the loop, so that the G heads' loads are in flight together
+                lse_g = tl.load(LSE + pid * GP + gg, cache_modifier=".cg")
+                sv = tl.load(S + (pid * GP + gg).to(tl.int64) * NC + c, mask=ok, other=float("-inf"),
+                             cache_modifier=".cg")
+                score += tl.exp(sv - lse_g)
+
+        # 3. top-n of the candidates (blocks ending at or before p) by one bitonic top-K of unique int32 keys, the
+        #    order of selection.select_block_ids: the score's float bits above IDB = key_id_bits(NS) (lower bits
+        #    count as tied), the reversed block id below (of tied scores the earlier block wins).
+        low = (1 << IDB) - 1
+        key = ((score.to(tl.int32, bitcast=True) >> IDB) << IDB) + (low - sb)
+        top = tl.topk(tl.where(sok & (send <= p), key, -1), TOP_K)  # descending
+        r = tl.arange(0, TOP_K)
+        ids = tl.where((top >= 0) & (r < top_n), low - (top & low), -1)
+        tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, ids, mask=r < n_sel_max)
+
     # tiles_per_split is not specialised: Triton's specialisation of an integer argument equal to 1 (one tile per
     # program, the default split at long context) made this kernel ~12× slower on an H100 (80 against 7 µs at 128K).
     @triton.jit(do_not_specialize=["tiles_per_split"])
-    def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1,
+    def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1, LSE, SEND, BFIRST, BLAST, SEL, CNT,
                         sqb, sqh, sqt, skb, skh, skc, svb, svh, svc,
-                        TQ, p0, NC, S1, tiles_per_split, scale,
+                        TQ, p0, NC, NS, S1, tiles_per_split, top_n, n_sel_max, scale,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                        BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+                        BLOCK_C: tl.constexpr, PRECISION: tl.constexpr, S1P: tl.constexpr, NS_PAD: tl.constexpr,
+                        W_BAND: tl.constexpr, IDB: tl.constexpr, TOP_K: tl.constexpr, SELECT: tl.constexpr,
+                        PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()  # the attention kernel may start its text and window work now
         pid = tl.program_id(0)
         sp = tl.program_id(1)
         t, b, hkv, q = _row_query(Q, pid, TQ, sqb, sqh, sqt, HKV, G, GP, D)
@@ -550,91 +612,31 @@ if HAS_TRITON:
         tl.store(M1 + o, m)
         tl.store(L1 + o, l)
         tl.store(O1 + o[:, None] * DV + dv[None, :], acc)
+        if SELECT:  # the row's last program to finish runs its top-n (one launch fewer)
+            tl.debug_barrier()  # every thread's stores above precede the ticket, which releases them
+            ticket = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+            if ticket == S1 - 1:
+                _select_row(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL, pid, TQ, p0, NC, NS, S1, top_n, n_sel_max,
+                            HKV, G, GP, S1P, NS_PAD, W_BAND, IDB, TOP_K)
+                tl.store(CNT + pid, 0)  # zero again for the next launch
 
     @triton.jit
     def _dec_select_kernel(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL,
                            TQ, p0, NC, NS, S1, top_n, n_sel_max,
                            HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr,
-                           NS_PAD: tl.constexpr, W_BAND: tl.constexpr, IDB: tl.constexpr):
-        """One program per (batch, KV head, query): block scores and the top-n, written to SEL in block order."""
-        pid = tl.program_id(0)
-        t = pid % TQ
-        b = pid // TQ // HKV
-        p = p0 + t
-        g = tl.arange(0, GP)
-
-        # 1. log-sum-exp of each row's compression softmax, from the S1 partials of _dec_cmp_kernel; through the
-        #    LSE scratch so that each head's value is then a scalar load (no reduction per head below).
-        sp = tl.arange(0, S1P)
-        o1 = (pid * S1 + sp[None, :]).to(tl.int64) * GP + g[:, None]
-        ms = tl.load(M1 + o1, mask=sp[None, :] < S1, other=float("-inf"))
-        ls = tl.load(L1 + o1, mask=sp[None, :] < S1, other=0.0)
-        mx = tl.max(ms, 1)
-        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
-        tl.store(LSE + pid * GP + g, tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf")))
-        tl.debug_barrier()
-
-        # 2. score of every selection block: Σ over the group's heads and the overlapping compressed blocks (the
-        #    heads unrolled, so their loads are in flight together).
-        sb = tl.arange(0, NS_PAD)
-        sok = sb < NS
-        rowb = b.to(tl.int64) * NS
-        first = tl.load(BFIRST + rowb + sb, mask=sok, other=0)
-        last = tl.load(BLAST + rowb + sb, mask=sok, other=0)
-        score = tl.zeros([NS_PAD], tl.float32)
-        for gg in tl.static_range(G):
-            lse_g = tl.load(LSE + pid * GP + gg)
-            srow = S + (pid * GP + gg).to(tl.int64) * NC
-            for i in range(0, W_BAND):
-                c = first + i
-                ok = sok & (c < last)
-                sv = tl.load(srow + c, mask=ok, other=float("-inf"))
-                score += tl.exp(sv - lse_g)
-
-        # 3. top-n of the candidates (blocks ending at or before p): radix select of the n-th largest score bits
-        #    (non-negative fp32 bits order like the floats), then ties at that value go to the earliest blocks.
-        #    8-bit digits from the top; digits below the reference's resolution (IDB = selection.key_id_bits low
-        #    bits, cleared) are all 0 and their passes are skipped.
-        send = tl.load(SEND + rowb + sb, mask=sok, other=2147483647)
-        cand = sok & (send <= p)
-        bits = score.to(tl.int32, bitcast=True).to(tl.int64)
-        bits = tl.where(cand, (bits >> IDB) << IDB, -1)
-        ncand = tl.sum(cand.to(tl.int32), 0)
-        need = top_n + 0 * ncand
-        prefix = ncand.to(tl.int64) * 0
-        hmask = ncand.to(tl.int64) * 0
-        dd = tl.arange(0, 512)
-        for ps in tl.static_range(4):
-            if 32 - 8 * ps > IDB:  # the digit's bits 24 − 8·ps … 31 − 8·ps are not all cleared
-                shift = 24 - 8 * ps
-                ingrp = cand & ((bits & hmask) == prefix)
-                digit = (bits >> shift) & 255
-                hist = tl.histogram(tl.where(ingrp, digit + 1, 0).to(tl.int32), 512)
-                cnt_ge = NS_PAD - tl.cumsum(hist, 0)  # in-group blocks whose digit ≥ dd (for dd < 256)
-                dstar = tl.max(tl.where((dd < 256) & (cnt_ge >= need), dd, -1), 0)
-                cnt_gt = tl.sum(tl.where(dd == dstar + 1, cnt_ge, 0), 0)
-                need = need - cnt_gt
-                prefix = prefix | (dstar.to(tl.int64) << shift)
-                hmask = hmask | (255 << shift)
-        gt = cand & (bits > prefix)
-        eq = cand & (bits == prefix)
-        eq_rank = tl.cumsum(eq.to(tl.int32), 0)
-        chosen = tl.where(ncand <= top_n, cand, gt | (eq & (eq_rank <= need)))
-        n_chosen = tl.minimum(ncand, top_n)
-        rank = tl.cumsum(chosen.to(tl.int32), 0) - 1
-
-        # 4. the chosen block ids in block order, then −1 up to n_sel_max.
-        out = SEL + pid.to(tl.int64) * n_sel_max
-        tl.store(out + rank, sb, mask=chosen)
-        tl.store(out + sb, -1, mask=(sb >= n_chosen) & (sb < n_sel_max))
+                           NS_PAD: tl.constexpr, W_BAND: tl.constexpr, IDB: tl.constexpr, TOP_K: tl.constexpr):
+        """One program per (batch, KV head, query): `_select_row` in its own launch."""
+        _select_row(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL, tl.program_id(0), TQ, p0, NC, NS, S1, top_n, n_sel_max,
+                    HKV, G, GP, S1P, NS_PAD, W_BAND, IDB, TOP_K)
 
     @triton.jit
     def _dec_attn_kernel(Q, K, V, SEL, SSTART, SEND, TSTART, TEND, NTXT, M2, L2, O2,
                          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                          TQ, p0, NS, NT, S2, anchor, n_sel_max, window, scale,
                          HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
-                         BLOCK_N: tl.constexpr, NCH: tl.constexpr, PRECISION: tl.constexpr):
+                         BLOCK_N: tl.constexpr, NCH: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_launch_dependents()
         pid = tl.program_id(0)
         j = tl.program_id(1)
         t, b, hkv, q = _row_query(Q, pid, TQ, sqb, sqh, sqt, HKV, G, GP, D)
@@ -648,23 +650,17 @@ if HAS_TRITON:
         vb = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
         nar = tl.arange(0, BLOCK_N)
 
-        # 1. selection branch, this program's share: chosen blocks of rank j, j+S2, …, then text chunks.
+        # The row's work items: the chosen blocks by rank, then the text chunks (selection branch), then the
+        # window's chunks, numbered in that order; program j takes items j, j+S2, …. Text and window first: they
+        # do not need the selection, so under programmatic dependent launch (PDL) they overlap the compression
+        # kernel, and only the chosen blocks wait for it.
         m_s = tl.full([GP], float("-inf"), tl.float32)
         l_s = tl.zeros([GP], tl.float32)
         a_s = tl.zeros([GP, DV], tl.float32)
-        for r in range(j, n_sel_max, S2):
-            sid = tl.load(SEL + pid.to(tl.int64) * n_sel_max + r)
-            valid = sid >= 0
-            st = tl.load(SSTART + rowb + sid, mask=valid, other=0)
-            en = tl.load(SEND + rowb + sid, mask=valid, other=-1)
-            for c in tl.static_range(NCH):
-                keys = st + c * BLOCK_N + nar
-                kok = (keys <= en) & (keys <= p)  # en = −1 when r ≥ n_chosen
-                m_s, l_s, a_s = _attend_chunk(q, kb, vb, skt, svt, keys, kok, m_s, l_s, a_s, scale, d, dv,
-                                              PRECISION)
         ntxt = tl.load(NTXT + b)
         n_tail = tl.cdiv(tl.maximum(p + 1 - anchor, 0), BLOCK_N)
-        for it in range(j, ntxt + n_tail, S2):
+        n_text = ntxt + n_tail
+        for it in range((j + S2 - n_sel_max % S2) % S2, n_text, S2):
             in_tab = it < ntxt
             ts = tl.load(TSTART + b.to(tl.int64) * NT + it, mask=in_tab, other=0)
             te = tl.load(TEND + b.to(tl.int64) * NT + it, mask=in_tab, other=0)
@@ -675,15 +671,27 @@ if HAS_TRITON:
             kok = (keys < te) & (keys <= p)
             m_s, l_s, a_s = _attend_chunk(q, kb, vb, skt, svt, keys, kok, m_s, l_s, a_s, scale, d, dv, PRECISION)
 
-        # 2. sliding window, this program's chunks.
         m_w = tl.full([GP], float("-inf"), tl.float32)
         l_w = tl.zeros([GP], tl.float32)
         a_w = tl.zeros([GP, DV], tl.float32)
         lo = tl.maximum(p - window + 1, 0)
-        for it in range(j, tl.cdiv(p + 1 - lo, BLOCK_N), S2):
+        for it in range((j + S2 - (n_sel_max + n_text) % S2) % S2, tl.cdiv(p + 1 - lo, BLOCK_N), S2):
             keys = lo + it * BLOCK_N + nar
             m_w, l_w, a_w = _attend_chunk(q, kb, vb, skt, svt, keys, keys <= p, m_w, l_w, a_w, scale, d, dv,
                                           PRECISION)
+
+        if PDL:
+            gdc_wait()  # the compression kernel (and its selection) is complete and its writes visible
+        for r in range(j, n_sel_max, S2):
+            sid = tl.load(SEL + pid.to(tl.int64) * n_sel_max + r)
+            valid = sid >= 0
+            st = tl.load(SSTART + rowb + sid, mask=valid, other=0)
+            en = tl.load(SEND + rowb + sid, mask=valid, other=-1)
+            for c in tl.static_range(NCH):
+                keys = st + c * BLOCK_N + nar
+                kok = (keys <= en) & (keys <= p)  # en = −1 when r ≥ n_chosen
+                m_s, l_s, a_s = _attend_chunk(q, kb, vb, skt, svt, keys, kok, m_s, l_s, a_s, scale, d, dv,
+                                              PRECISION)
 
         o = ((pid * S2 + j) * 2).to(tl.int64) * GP + g
         tl.store(M2 + o, m_s)
@@ -713,7 +721,9 @@ if HAS_TRITON:
                             sgb, sgh, sgt, sgc, sob, soh, sot,
                             TQ, p0, S1, S2,
                             HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, DV: tl.constexpr,
-                            S1P: tl.constexpr, S2P: tl.constexpr):
+                            S1P: tl.constexpr, S2P: tl.constexpr, PDL: tl.constexpr):
+        if PDL:
+            gdc_wait()  # the attention kernel is complete (and, through its own wait, the compression kernel)
         pid = tl.program_id(0)
         gg = tl.program_id(1)
         t = pid % TQ
@@ -736,6 +746,19 @@ if HAS_TRITON:
                  out.to(OUT.dtype.element_ty))
 
 
+_COUNTERS: dict[tuple, Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """int32 tickets, one per query row, zero between launches (the compression kernel's last program of each row
+    resets its own), kept per device and stream so that launches in flight on two streams never share one."""
+    key = (device, torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[key] = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+    return c
+
+
 # Tests set this to fill the kernels' scratch buffers with NaN (nothing may be read before it is written).
 POISON_SCRATCH = False
 
@@ -753,6 +776,11 @@ def _scratch(sizes: tuple[int, ...], device: torch.device) -> list[Tensor]:
 
 
 @functools.lru_cache(maxsize=None)
+def _use_pdl(device: torch.device) -> bool:
+    return HAS_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -761,9 +789,10 @@ def _target_programs(device: torch.device) -> int:
 
 def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: DecodeState, scale: float,
                          top_n: int, window_size: int, split_cmp: int | None = None,
-                         split_attn: int | None = None, out: Tensor | None = None) -> Tensor:
-    """Sparse attention of the Tq **text** queries at the end of the cache over the kept state (module doc: four
-    kernels, no host sync, CUDA-graph capturable).
+                         split_attn: int | None = None, out: Tensor | None = None, fused: bool = True,
+                         pdl: bool | None = None) -> Tensor:
+    """Sparse attention of the Tq **text** queries at the end of the cache over the kept state (module doc: three
+    launches, no host sync, CUDA-graph capturable).
 
     Args:
         q: [B, Hq, Tq, D]; k, v: the cache [B, Hkv, Tk, D] / [B, Hkv, Tk, Dv] (Tk ≥ state.anchor; keys after the
@@ -774,6 +803,10 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         split_cmp, split_attn: programs per (batch, KV head, query) of the compression and attention kernels
             (default: enough to fill the GPU).
         out: optional [B, Hq, Tq, Dv] tensor of q's dtype to write into (every entry is written).
+        fused: the selection runs in the compression kernel's last program of each row (default) or in a launch
+            of its own (`_dec_select_kernel`: the same picks and output, one launch more; for comparisons).
+        pdl: launch the attention and combine kernels with programmatic dependent launch (default: on CUDA
+            devices of compute capability ≥ 9.0 when Triton has it); the same output either way.
     Returns:
         [B, Hq, Tq, Dv] in q's dtype. Video queries are not handled here (their rows are meaningless).
     Raises:
@@ -793,6 +826,8 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
     n_sel = min(top_n, NS)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
     target = _target_programs(q.device)
+    pdl = _use_pdl(q.device) if pdl is None else pdl
+    launch_pdl = {"launch_pdl": True} if pdl else {}
     if out is None:
         out = torch.empty(B, Hq, Tq, Dv, dtype=q.dtype, device=q.device)
     elif out.shape != (B, Hq, Tq, Dv) or out.dtype != q.dtype:
@@ -816,26 +851,30 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp
+        cnt = _counters(q.device, rows)
+        sel_args = (state.sel_end, state.band_first, state.band_last, SEL)
+        sel_meta = dict(HKV=Hkv, G=G, GP=GP, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width,
+                        IDB=key_id_bits(NS), TOP_K=_pow2(n_sel, 2))
         _dec_cmp_kernel[(rows, S1)](
-            qc, kc, vc, state.cmp_end, S, M1, L1, O1,
+            qc, kc, vc, state.cmp_end, S, M1, L1, O1, LSE, *sel_args, cnt,
             qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2),
-            TQ, p0, NC, S1, tiles_per_split, scale,
-            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision, num_warps=8, num_stages=1)
-        _dec_select_kernel[(rows,)](
-            S, M1, L1, LSE, state.sel_end, state.band_first, state.band_last, SEL,
-            TQ, p0, NC, NS, S1, top_n, n_sel,
-            HKV=Hkv, G=G, GP=GP, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width, IDB=key_id_bits(NS),
-            num_warps=8 if NS_PAD <= 8192 else 16)
+            TQ, p0, NC, NS, S1, tiles_per_split, top_n, n_sel, scale,
+            D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision, SELECT=fused, PDL=pdl, **sel_meta,
+            num_warps=8, num_stages=1)
+        if not fused:
+            _dec_select_kernel[(rows,)](S, M1, L1, LSE, *sel_args, TQ, p0, NC, NS, S1, top_n, n_sel, **sel_meta,
+                                        num_warps=8 if NS_PAD <= 8192 else 16)
         _dec_attn_kernel[(rows, S2)](
             qc, k, v, SEL, state.sel_start, state.sel_end, state.txt_start, state.txt_end, state.n_txt, M2, L2, O2,
             qc.stride(0), qc.stride(1), qc.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             TQ, p0, NS, NT, S2, state.anchor, n_sel, window_size, scale,
-            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_N=BLOCK_N, NCH=NCH, PRECISION=precision, num_warps=4)
+            HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_N=BLOCK_N, NCH=NCH, PRECISION=precision, PDL=pdl,
+            num_warps=4, num_stages=1, **launch_pdl)
         _dec_combine_kernel[(rows, G)](
             M1, L1, O1, M2, L2, O2, gc, state.first_video, oc,
             gc.stride(0), gc.stride(1), gc.stride(2), gc.stride(3), oc.stride(0), oc.stride(1), oc.stride(2),
             TQ, p0, S1, S2,
-            HKV=Hkv, G=G, GP=GP, DV=Dv, S1P=_pow2(S1), S2P=_pow2(S2), num_warps=4)
+            HKV=Hkv, G=G, GP=GP, DV=Dv, S1P=_pow2(S1), S2P=_pow2(S2), PDL=pdl, num_warps=1, **launch_pdl)
     return out
