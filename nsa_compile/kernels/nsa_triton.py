@@ -12,6 +12,9 @@ two (80, 96, …) are zero-padded to the next one: scores and outputs are unchan
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -20,7 +23,7 @@ from torch import Tensor
 from .common import NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, DENSE, SELECTION, WINDOW, SegmentPlan, segment_attention_bwd,
-                                segment_attention_fwd, select_topn)
+                                TopnGeometry, segment_attention_fwd, select_topn, topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 
@@ -50,43 +53,92 @@ def _text_chunks(layout: VideoLayout, block_n: int) -> Tensor:
     return out
 
 
+@dataclass
+class _Tables:
+    """What `_prepare` derives from the video mask alone: identical for every layer of a forward (and its
+    backward), so it is computed once and found again by `_tables`."""
+
+    layout: VideoLayout
+    video_q: Tensor  # bool [B, Tq]
+    need_v: Tensor  # int8 [B, Tq]
+    need_t: Tensor
+    any_text: bool
+    any_video: bool
+    kend: Tensor | None  # the SELECTION and COMPRESSED plans' tables (None without video queries)
+    own: Tensor | None
+    block_start: Tensor | None
+    block_len: Tensor | None
+    text: Tensor | None
+    topn: TopnGeometry | None
+
+
+# The most recent masks' tables, each with a copy of its mask: a call uses them only if its mask is equal to the
+# copy (one comparison and one host sync), so a mask changed in place, or a new mask at a reused address, is never
+# matched. The layers of a forward pass share one mask: the first builds the tables (~10 host syncs), the others
+# compare.
+_TABLES: list[tuple[tuple, Tensor, _Tables]] = []
+_TABLES_KEEP = 2
+_TABLES_LOCK = threading.Lock()
+
+
+def _tables(video_mask: Tensor, Tq: int, Tk: int, block_size: int, block_stride: int, selection_block_size: int,
+            device: torch.device) -> _Tables:
+    mask = video_mask.to(device)
+    key = (tuple(mask.shape), mask.dtype, device, Tq, Tk, block_size, block_stride, selection_block_size)
+    with _TABLES_LOCK:
+        for k_, m_, t_ in _TABLES:
+            if k_ == key and torch.equal(m_, mask):
+                return t_
+    layout = video_layout(mask, Tk, block_size, block_stride, selection_block_size)
+    video_q = layout.is_video[:, Tk - Tq:]
+    need_v = video_q.to(torch.int8).contiguous()
+    need_t = (~video_q).to(torch.int8).contiguous()
+    any_text, any_video = bool(need_t.any()), bool(need_v.any())
+    kend = own = block_start = block_len = text = topn = None
+    if any_video:
+        kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
+        start, end = layout.sel_block_start, layout.sel_block_end
+        own = torch.where(layout.is_video, layout.sel_id, -2).to(torch.int32).contiguous()
+        block_start = start.clamp(max=Tk).to(torch.int32).contiguous()
+        block_len = torch.where(start < Tk, end - start + 1, 0).to(torch.int32).contiguous()
+        text = _text_chunks(layout, _pow2_block(selection_block_size)).contiguous()
+        topn = topn_geometry(layout, Tq)
+    t = _Tables(layout, video_q, need_v, need_t, any_text, any_video, kend, own, block_start, block_len, text, topn)
+    with _TABLES_LOCK:
+        _TABLES.insert(0, (key, mask.clone(), t))
+        del _TABLES[_TABLES_KEEP:]
+    return t
+
+
 def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
              selection_block_size: int, window_size: int, key_valid: Tensor | None = None):
     """Layout, video-query flags and one (plan, keys, values) per branch that has rows to compute."""
     Tq, Tk = q.shape[2], k.shape[2]
-    layout = video_layout(video_mask.to(k.device), Tk, block_size, block_stride, selection_block_size)
-    video_q = layout.is_video[:, Tk - Tq:]
-    need_v = video_q.to(torch.int8).contiguous()
-    need_t = (~video_q).to(torch.int8).contiguous()
+    t = _tables(video_mask, Tq, Tk, block_size, block_stride, selection_block_size, k.device)
     branches = {}
-    if bool(need_t.any()):
-        branches["dense"] = (SegmentPlan(DENSE, need_t, Tk), k, v)
-    if bool(need_v.any()):
-        k_cmp, v_cmp = compress_kv(k, v, layout)
-        kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
-        branches["compression"] = (SegmentPlan(COMPRESSED, need_v, Tk, gate=0, kend=kend), k_cmp.contiguous(),
+    if t.any_text:
+        branches["dense"] = (SegmentPlan(DENSE, t.need_t, Tk), k, v)
+    if t.any_video:
+        k_cmp, v_cmp = compress_kv(k, v, t.layout)
+        branches["compression"] = (SegmentPlan(COMPRESSED, t.need_v, Tk, gate=0, kend=t.kend), k_cmp.contiguous(),
                                    v_cmp.contiguous())
-        start, end = layout.sel_block_start, layout.sel_block_end
-        block_n = _pow2_block(selection_block_size)
         branches["selection"] = (SegmentPlan(
-            SELECTION, need_v, Tk, gate=1, own=torch.where(layout.is_video, layout.sel_id, -2).to(torch.int32)
-            .contiguous(), block_start=start.clamp(max=Tk).to(torch.int32).contiguous(),
-            block_len=torch.where(start < Tk, end - start + 1, 0).to(torch.int32).contiguous(),
-            text=_text_chunks(layout, block_n).contiguous(), block_n=block_n), k, v)
+            SELECTION, t.need_v, Tk, gate=1, own=t.own, block_start=t.block_start, block_len=t.block_len,
+            text=t.text, block_n=_pow2_block(selection_block_size), topn=t.topn), k, v)
         if window_size > 0:  # window 0: the branch's output is zero
-            branches["window"] = (SegmentPlan(WINDOW, need_v, Tk, gate=2, window=window_size), k, v)
+            branches["window"] = (SegmentPlan(WINDOW, t.need_v, Tk, gate=2, window=window_size), k, v)
     if key_valid is not None:  # key padding of an attention mask: every branch but compression (video only)
         kv = key_valid.to(device=k.device, dtype=torch.int8).expand(k.shape[0], Tk).contiguous()
         for plan, _, _ in branches.values():
             plan.key_valid = kv
-    return layout, video_q, branches
+    return t.layout, t.video_q, branches
 
 
 def _select(q: Tensor, k_cmp: Tensor, lse: Tensor, kend: Tensor, layout: VideoLayout, plan: SegmentPlan,
             top_n: int, scale: float) -> None:
     """Fill the selection plan: top-n block ids (`select_topn`) and the (start, length) of each position's n blocks
     and own block, the segments the selection kernel reads."""
-    sel = select_topn(q, k_cmp, lse, kend, layout, plan.need, top_n, scale)  # [B, Hkv, Tq, n]
+    sel = select_topn(q, k_cmp, lse, kend, layout, plan.need, top_n, scale, plan.topn)  # [B, Hkv, Tq, n]
     sel = sel.sort(-1).values  # blocks in key order: neighbouring loads of a program are near in memory
     B, Hkv, Tq, n = sel.shape
     own = plan.own[:, plan.tk - Tq:].long()

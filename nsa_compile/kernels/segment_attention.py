@@ -30,6 +30,7 @@ reference is `selection.select_block_ids`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -338,6 +339,17 @@ def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int 
     return G, GP, max(1, rows // GP)
 
 
+class TopnGeometry(NamedTuple):
+    """What `select_topn` needs of the layout, the same for every head and layer of a call: int32 [B, Ns] first
+    compression block overlapping each selection block and their count, the largest count ``W`` (a host value),
+    and int32 [B, Tq] the candidates of each query (the blocks ending before its own block)."""
+
+    first: torch.Tensor
+    width: torch.Tensor
+    W: int
+    ncand: torch.Tensor
+
+
 @dataclass
 class SegmentPlan:
     """What a launch needs besides q, k, v: the mode, the rows that need it and the mode's tables.
@@ -352,7 +364,8 @@ class SegmentPlan:
         own: int32 [B, Tk] own selection block of each position (−2 for text); block_start / block_len: int32
         [B, Ns] selection blocks; text: int32 [B, n_txt, 2] (start, length) chunks of at most ``block_n`` text keys
         (SELECTION); key_valid: int8 [B, Tk], the keys an attention mask leaves visible (its key padding; None:
-        all), for every mode but COMPRESSED.
+        all), for every mode but COMPRESSED; topn: the call's `TopnGeometry` (SELECTION), shared by its
+        `select_topn` launches (one per chunk of KV heads).
     """
 
     mode: int
@@ -369,6 +382,7 @@ class SegmentPlan:
     text: torch.Tensor | None = None
     key_valid: torch.Tensor | None = None
     block_n: int = 64
+    topn: TopnGeometry | None = None
 
     def tables(self, device):
         """The kernels' table arguments (a 1-element dummy for each table the mode lacks), Ns, n_txt and n."""
@@ -515,14 +529,31 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
     tl.store(out, ids, mask=(tr < Tq)[:, None] & (sj < N)[None, :])
 
 
-def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float):
+def topn_geometry(layout, Tq: int) -> TopnGeometry:
+    """`TopnGeometry` of ``layout`` (`common.VideoLayout`) for the last ``Tq`` positions; one host sync (``W``).
+    Compute it once per call and pass it to every `select_topn` of the call."""
+    Tk = layout.is_video.shape[1]
+    sel_start, sel_end = layout.sel_block_start, layout.sel_block_end  # [B, Ns]
+    # compression blocks overlapping each selection block: a contiguous band (blocks are ordered by position)
+    first = torch.searchsorted(layout.cmp_block_end.contiguous(), sel_start.contiguous())
+    last = torch.searchsorted(layout.cmp_block_start.contiguous(), sel_end.contiguous(), right=True)
+    width = torch.where(sel_start < Tk, last - first, 0).clamp_min(0)
+    own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
+    ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
+    return TopnGeometry(first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(),
+                        max(1, int(width.max())) if width.numel() else 1, ncand.to(torch.int32).contiguous())
+
+
+def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float,
+                geometry: TopnGeometry | None = None):
     """Top-n selection blocks of every needed query, shared by the heads of each GQA group (NSA §3.3.2); the
     Triton twin of `selection.select_block_ids` (same scores, candidates and order).
 
     Args:
         q: [B, Hq, Tq, D]; k_cmp: [B, Hkv, Nc, D] compressed keys; lse_cmp: fp32 [B, Hq, Tq] log-sum-exp of the
         compression branch; kend: int32 [B, Nc] last key of each compressed block; layout: `common.VideoLayout`;
-        need: int8 [B, Tq] the queries to select for; top_n: n; scale: the softmax scale of the compression branch.
+        need: int8 [B, Tq] the queries to select for; top_n: n; scale: the softmax scale of the compression branch;
+        geometry: `topn_geometry(layout, Tq)` when the caller has it (computed here otherwise).
     Returns:
         int32 [B, Hkv, Tq, min(n, Ns)]: block ids, −1 where fewer than n candidates exist or the row is not needed.
     Raises:
@@ -534,25 +565,18 @@ def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float)
     B, Hq, Tq, D = q.shape
     Hkv, Nc = k_cmp.shape[1], k_cmp.shape[2]
     Tk = layout.is_video.shape[1]
-    sel_start, sel_end = layout.sel_block_start, layout.sel_block_end  # [B, Ns]
-    Ns = sel_start.shape[1]
+    Ns = layout.sel_block_start.shape[1]
     if Ns >= 1 << 20:
         raise NSAInputError(f"{Ns} selection blocks in one sequence exceed the top-n kernel's limit of 2**20 − 1; "
                             "raise selection_block_size or shorten the video")
     n = min(top_n, Ns)
-    # compression blocks overlapping each selection block: a contiguous band (blocks are ordered by position)
-    first = torch.searchsorted(layout.cmp_block_end.contiguous(), sel_start.contiguous())
-    last = torch.searchsorted(layout.cmp_block_start.contiguous(), sel_end.contiguous(), right=True)
-    width = torch.where(sel_start < Tk, last - first, 0).clamp_min(0)
-    W = max(1, int(width.max()))
-    own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
-    ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
+    geo = topn_geometry(layout, Tq) if geometry is None else geometry
     out = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32, device=q.device)
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, halve=D > 128)  # head dim 256 within the H100's shared memory
     BLOCK_S = max(16, triton.next_power_of_2(n))
     _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
-        q, k_cmp, lse_cmp, kend, first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(),
-        ncand.to(torch.int32).contiguous(), need, out, *q.stride()[:3], *k_cmp.stride()[:3], Tq, Tk, Nc, Ns, W,
-        scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, D=D, N=n, ID_BITS=key_id_bits(Ns),
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_stages=1 if q.dtype == torch.float32 else 2)
+        q, k_cmp, lse_cmp, kend, geo.first, geo.width, geo.ncand, need, out, *q.stride()[:3], *k_cmp.stride()[:3],
+        Tq, Tk, Nc, Ns, geo.W, scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, D=D, N=n,
+        ID_BITS=key_id_bits(Ns), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_stages=1 if q.dtype == torch.float32 else 2)
     return torch.where(need.bool()[:, None, :, None], out, -1)

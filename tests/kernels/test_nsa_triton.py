@@ -108,6 +108,24 @@ GPU_CASES = {
 }
 
 
+def test_layout_tables_are_shared_by_equal_masks_and_rebuilt_for_changed_ones():
+    """The layers of a forward share the mask's tables (`nsa_triton._tables`); a mask changed in place (the same
+    tensor, other values) must not find the old tables, and the forward over it must match the reference."""
+    from nsa_compile.kernels import nsa_triton as nt
+
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES["B2-HQ6-H2-T80-two-spans"]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=3)
+    vm = spans(B, Tk, ranges)
+    first = nt._tables(vm, Tq, Tk, l, d, ls, vm.device)
+    assert nt._tables(vm.clone(), Tq, Tk, l, d, ls, vm.device) is first  # equal content: found
+    vm[1, 20:60] = ~vm[1, 20:60]  # in place: same tensor, same address, new spans
+    changed = nt._tables(vm, Tq, Tk, l, d, ls, vm.device)
+    assert changed is not first and torch.equal(changed.video_q, vm)
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    ref = nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None, *params)
+    assert rel(nsa_triton_forward(q, k, v, gates, vm, *params).double(), ref) <= 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
