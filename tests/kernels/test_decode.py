@@ -159,15 +159,21 @@ def test_decode_kernels_interpreter_against_reference(case, dtype, tol, monkeypa
                ref) <= 1e-12
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate-select"])
 @pytest.mark.parametrize("splits", [(1, 1), (3, 2), (7, 5)], ids=["S1-S2-1-1", "3-2", "7-5"])
-def test_decode_kernels_any_split_count(splits, monkeypatch):
+def test_decode_kernels_any_split_count(splits, fused, monkeypatch):
+    """Any split of the compression and attention kernels, with the selection in the compression kernel's last
+    program per row (its ticket must be zero again after the launch) or in its own launch."""
     monkeypatch.setattr(dec, "POISON_SCRATCH", True)
     q, k, v, gates, video, (l, d, ls, n, w) = _inputs("B2-HQ6-H2-decode1-two-spans", torch.float32, seed=5)
     state = dec.build_decode_state(k, v, video, l, d, ls)
     scale = 1 / math.sqrt(q.shape[-1])
     ref = nsa_reference(q, k, v, gates, video, None, scale, l, d, ls, n, w, decode="sparse")
-    out = dec.sparse_decode_triton(q, k, v, gates, state, scale, n, w, split_cmp=splits[0], split_attn=splits[1])
-    assert rel(out, ref) <= 1e-5
+    for _ in range(2):  # the second launch reuses the tickets the first left
+        out = dec.sparse_decode_triton(q, k, v, gates, state, scale, n, w, split_cmp=splits[0],
+                                       split_attn=splits[1], fused=fused)
+        assert rel(out, ref) <= 1e-5
+        assert not dec._counters(q.device, 1).any()
 
 
 def test_radix_top_n_breaks_ties_like_the_reference(monkeypatch):
