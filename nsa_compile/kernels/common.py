@@ -14,6 +14,7 @@ Semantics (README "Attention semantics"; every kernel matches them):
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -231,3 +232,33 @@ def attention_budget(video_mask: Tensor, Tk: int, block_size: int, block_stride:
     d, n = float(dense.sum()), float(nsa.sum())
     return {"dense_scores": d, "nsa_scores": n, "budget": n / d if d else 1.0,
             "video_tokens": [int(x) for x in video_mask.sum(-1).tolist()]}
+
+
+class MaskCache:
+    """Tables derived from a video mask alone, kept for the last ``keep`` masks and found again **by content**: a
+    copy of each mask is kept and a lookup compares with it (one host sync), so the layers of a forward, which
+    share one mask, build the tables once (each build costs several host syncs), while a mask changed in place, or
+    a new mask at a reused address, is never matched. Thread-safe."""
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self._entries: list[tuple[tuple, Tensor, object]] = []
+        self._lock = threading.Lock()
+
+    def get(self, mask: Tensor, key: tuple, build):
+        """The value of ``build()`` for ``mask`` and ``key`` (the other inputs ``build`` depends on), built only
+        when no kept entry has the same key and a mask equal to ``mask``."""
+        key = (tuple(mask.shape), mask.dtype, mask.device) + tuple(key)
+        with self._lock:
+            for k, m, value in self._entries:
+                if k == key and torch.equal(m, mask):
+                    return value
+        value = build()
+        with self._lock:
+            self._entries.insert(0, (key, mask.clone(), value))
+            del self._entries[self.keep:]
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

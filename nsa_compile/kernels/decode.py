@@ -68,7 +68,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .common import NSAInputError, check_inputs, video_layout
+from .common import MaskCache, NSAInputError, check_inputs, video_layout
 
 try:  # the reference's tie rule: scores equal in their top 31 − key_id_bits(Ns) bits tie (earlier block wins)
     from .selection import key_id_bits
@@ -175,32 +175,38 @@ def _i32(t: Tensor, valid: Tensor, pad: int) -> Tensor:
     return torch.where(valid, t, pad).clamp(max=INT32_MAX).to(torch.int32).contiguous()
 
 
-def build_decode_state(k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
-                       selection_block_size: int) -> DecodeState:
-    """Compress and index the video of a cached sequence for sparse decode.
+@dataclass(eq=False)
+class _StateTables:
+    """The part of a `DecodeState` that depends on the video mask alone (the same for every layer)."""
 
-    Args:
-        k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv] (the layer's whole cache, fp16 / bf16 / fp32 / fp64);
-        video_mask: bool [B, T] over *all* T positions (not only the last call's tokens);
-        block_size, block_stride, selection_block_size: `NSAConfig` fields (tokens).
-    Returns:
-        a `DecodeState` anchored at T. Costs one read of the video keys/values (the pooling) and a few host syncs.
-    Raises:
-        NSAInputError: a mask that does not cover the T positions.
-    """
-    B, Hkv, T, D = k.shape
-    if video_mask.shape != (B, T):
-        raise NSAInputError(f"build_decode_state needs the video mask of all {T} cached positions, [B, T] = "
-                            f"{(B, T)}; got {tuple(video_mask.shape)}")
-    dev = k.device
-    M = video_mask.to(dev).bool().contiguous()
+    video_mask: Tensor
+    cmp_block_start: Tensor  # long [B, NC] (for the pooling)
+    cmp_end: Tensor
+    sel_start: Tensor
+    sel_end: Tensor
+    band_first: Tensor
+    band_last: Tensor
+    band_width: int
+    txt_start: Tensor
+    txt_end: Tensor
+    n_txt: Tensor
+    first_video: Tensor
+    probe_pos: Tensor
+    block_n: int
+    cmp_blocks: tuple[int, ...]
+    sel_blocks: tuple[int, ...]
+
+
+# Shared by the layers of a prefill: the first builds the tables (~10 host syncs), the others find them by content.
+_STATE_TABLES = MaskCache()
+
+
+def _state_tables(M: Tensor, block_size: int, block_stride: int, selection_block_size: int) -> _StateTables:
+    B, T = M.shape
+    dev = M.device
     lay = video_layout(M, T, block_size, block_stride, selection_block_size)
     cmp_ok = lay.cmp_block_start < T
     sel_ok = lay.sel_block_start < T
-    # Compressed keys in fp32 (at least): their logits decide the top-n, and bf16 rounding of the means would move
-    # scores by ~0.1 %, enough to swap blocks near the n-th against the reference. Values keep the cache's dtype.
-    k_cmp = _pool(k, lay.cmp_block_start, block_size, torch.promote_types(k.dtype, torch.float32))
-    v_cmp = _pool(v, lay.cmp_block_start, block_size, v.dtype)
 
     # Compressed blocks overlapping each selection block: a contiguous band (blocks are in position order).
     first = torch.searchsorted(lay.cmp_block_end.contiguous(), lay.sel_block_start.contiguous())
@@ -228,17 +234,48 @@ def build_decode_state(k: Tensor, v: Tensor, video_mask: Tensor, block_size: int
 
     has_video = M.any(-1)
     first_video = torch.where(has_video, M.long().argmax(-1), INT32_MAX)
-    probe_pos = torch.linspace(0, T - 1, min(PROBES, T), device=dev).round().long().unique()
-    return DecodeState(
-        key=state_key(k, v, block_size, block_stride, selection_block_size), anchor=T, video_mask=M,
-        probe_pos=probe_pos, probe_k=k.index_select(2, probe_pos), probe_v=v.index_select(2, probe_pos),
-        k_cmp=k_cmp.contiguous(), v_cmp=v_cmp.contiguous(),
-        cmp_end=_i32(lay.cmp_block_end, cmp_ok, INT32_MAX),
+    return _StateTables(
+        video_mask=M, cmp_block_start=lay.cmp_block_start, cmp_end=_i32(lay.cmp_block_end, cmp_ok, INT32_MAX),
         sel_start=_i32(lay.sel_block_start, sel_ok, INT32_MAX), sel_end=_i32(lay.sel_block_end, sel_ok, INT32_MAX),
         band_first=_i32(first, sel_ok, 0), band_last=_i32(last, sel_ok, 0), band_width=band_width,
         txt_start=txt_start.to(torch.int32).contiguous(), txt_end=txt_end.to(torch.int32).contiguous(),
         n_txt=n_txt.to(torch.int32).contiguous(), first_video=first_video.to(torch.int32).contiguous(),
-        block_n=block_n, cmp_blocks=tuple(cmp_ok.sum(-1).tolist()), sel_blocks=tuple(sel_ok.sum(-1).tolist()))
+        probe_pos=torch.linspace(0, T - 1, min(PROBES, T), device=dev).round().long().unique(), block_n=block_n,
+        cmp_blocks=tuple(cmp_ok.sum(-1).tolist()), sel_blocks=tuple(sel_ok.sum(-1).tolist()))
+
+
+def build_decode_state(k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
+                       selection_block_size: int) -> DecodeState:
+    """Compress and index the video of a cached sequence for sparse decode.
+
+    Args:
+        k: [B, Hkv, T, D]; v: [B, Hkv, T, Dv] (the layer's whole cache, fp16 / bf16 / fp32 / fp64);
+        video_mask: bool [B, T] over *all* T positions (not only the last call's tokens);
+        block_size, block_stride, selection_block_size: `NSAConfig` fields (tokens).
+    Returns:
+        a `DecodeState` anchored at T. Costs one read of the video keys/values (the pooling); its mask's tables
+        (a few host syncs) are built once for the layers of a prefill, which share the mask (`MaskCache`).
+    Raises:
+        NSAInputError: a mask that does not cover the T positions.
+    """
+    B, Hkv, T, D = k.shape
+    if video_mask.shape != (B, T):
+        raise NSAInputError(f"build_decode_state needs the video mask of all {T} cached positions, [B, T] = "
+                            f"{(B, T)}; got {tuple(video_mask.shape)}")
+    M = video_mask.to(k.device).bool().contiguous()
+    t = _STATE_TABLES.get(M, (block_size, block_stride, selection_block_size),
+                          lambda: _state_tables(M.clone(), block_size, block_stride, selection_block_size))
+    # Compressed keys in fp32 (at least): their logits decide the top-n, and bf16 rounding of the means would move
+    # scores by ~0.1 %, enough to swap blocks near the n-th against the reference. Values keep the cache's dtype.
+    k_cmp = _pool(k, t.cmp_block_start, block_size, torch.promote_types(k.dtype, torch.float32))
+    v_cmp = _pool(v, t.cmp_block_start, block_size, v.dtype)
+    return DecodeState(
+        key=state_key(k, v, block_size, block_stride, selection_block_size), anchor=T, video_mask=t.video_mask,
+        probe_pos=t.probe_pos, probe_k=k.index_select(2, t.probe_pos), probe_v=v.index_select(2, t.probe_pos),
+        k_cmp=k_cmp.contiguous(), v_cmp=v_cmp.contiguous(), cmp_end=t.cmp_end, sel_start=t.sel_start,
+        sel_end=t.sel_end, band_first=t.band_first, band_last=t.band_last, band_width=t.band_width,
+        txt_start=t.txt_start, txt_end=t.txt_end, n_txt=t.n_txt, first_video=t.first_video, block_n=t.block_n,
+        cmp_blocks=t.cmp_blocks, sel_blocks=t.sel_blocks)
 
 
 class _Group:
@@ -364,6 +401,7 @@ def clear_decode_states() -> None:
     """Drop every kept compressed video state (frees their GPU memory); the next decode over an existing cache
     then treats its video as text, so call it between sequences, not in the middle of one."""
     STATES.clear()
+    _STATE_TABLES.clear()
 
 
 # ------------------------------------------------------------------------------------------------ the op body

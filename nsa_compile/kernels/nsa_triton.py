@@ -12,7 +12,6 @@ two (80, 96, …) are zero-padded to the next one: scores and outputs are unchan
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor
 
-from .common import NSAInputError, VideoLayout, video_layout
+from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, DENSE, SELECTION, WINDOW, SegmentPlan, segment_attention_bwd,
                                 TopnGeometry, segment_attention_fwd, select_topn, topn_geometry)
@@ -56,7 +55,7 @@ def _text_chunks(layout: VideoLayout, block_n: int) -> Tensor:
 @dataclass
 class _Tables:
     """What `_prepare` derives from the video mask alone: identical for every layer of a forward (and its
-    backward), so it is computed once and found again by `_tables`."""
+    backward), so it is built once and found again by `_tables`."""
 
     layout: VideoLayout
     video_q: Tensor  # bool [B, Tq]
@@ -72,23 +71,21 @@ class _Tables:
     topn: TopnGeometry | None
 
 
-# The most recent masks' tables, each with a copy of its mask: a call uses them only if its mask is equal to the
-# copy (one comparison and one host sync), so a mask changed in place, or a new mask at a reused address, is never
-# matched. The layers of a forward pass share one mask: the first builds the tables (~10 host syncs), the others
-# compare. At most `_TABLES_KEEP` entries stay on the device after the call (~30 bytes per token each).
-_TABLES: list[tuple[tuple, Tensor, _Tables]] = []
-_TABLES_KEEP = 2
-_TABLES_LOCK = threading.Lock()
+# The mask's tables, shared by the layers of a forward pass (and its backward): the first builds them (~10 host
+# syncs), the others find them by content (one comparison). At most `MaskCache.keep` entries stay on the device
+# after the call (~30 bytes per token each).
+_TABLES = MaskCache()
 
 
 def _tables(video_mask: Tensor, Tq: int, Tk: int, block_size: int, block_stride: int, selection_block_size: int,
             device: torch.device) -> _Tables:
     mask = video_mask.to(device)
-    key = (tuple(mask.shape), mask.dtype, device, Tq, Tk, block_size, block_stride, selection_block_size)
-    with _TABLES_LOCK:
-        for k_, m_, t_ in _TABLES:
-            if k_ == key and torch.equal(m_, mask):
-                return t_
+    return _TABLES.get(mask, (Tq, Tk, block_size, block_stride, selection_block_size),
+                       lambda: _build_tables(mask, Tq, Tk, block_size, block_stride, selection_block_size))
+
+
+def _build_tables(mask: Tensor, Tq: int, Tk: int, block_size: int, block_stride: int,
+                  selection_block_size: int) -> _Tables:
     layout = video_layout(mask, Tk, block_size, block_stride, selection_block_size)
     video_q = layout.is_video[:, Tk - Tq:]
     need_v = video_q.to(torch.int8).contiguous()
@@ -103,11 +100,8 @@ def _tables(video_mask: Tensor, Tq: int, Tk: int, block_size: int, block_stride:
         block_len = torch.where(start < Tk, end - start + 1, 0).to(torch.int32).contiguous()
         text = _text_chunks(layout, _pow2_block(selection_block_size)).contiguous()
         topn = topn_geometry(layout, Tq)
-    t = _Tables(layout, video_q, need_v, need_t, any_text, any_video, kend, own, block_start, block_len, text, topn)
-    with _TABLES_LOCK:
-        _TABLES.insert(0, (key, mask.clone(), t))
-        del _TABLES[_TABLES_KEEP:]
-    return t
+    return _Tables(layout, video_q, need_v, need_t, any_text, any_video, kend, own, block_start, block_len, text,
+                   topn)
 
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,

@@ -176,6 +176,23 @@ def test_decode_kernels_any_split_count(splits, fused, monkeypatch):
         assert not dec._counters(q.device, 1).any()
 
 
+def test_states_of_one_prefill_share_their_mask_tables():
+    """The layers of a prefill share one mask: their states share its tables (built once); a mask changed in place
+    (the same tensor, other values) gets tables of its own, equal to ones built without the cache."""
+    _, k, v, _, video, (l, d, ls, _, _) = _inputs("B2-HQ6-H2-decode1-two-spans", torch.float32, seed=5)
+    first = dec.build_decode_state(k, v, video, l, d, ls)
+    second = dec.build_decode_state(2 * k, v + 1, video.clone(), l, d, ls)  # another layer: same mask
+    assert second.sel_start is first.sel_start and second.video_mask is first.video_mask
+    assert not torch.equal(second.k_cmp, first.k_cmp)
+    video[0] = ~video[0]  # in place
+    third = dec.build_decode_state(k, v, video, l, d, ls)
+    assert third.sel_start is not first.sel_start and torch.equal(third.video_mask, video)
+    fresh = dec._state_tables(video.clone(), l, d, ls)
+    for name in ("cmp_end", "sel_start", "sel_end", "band_first", "band_last", "txt_start", "txt_end", "n_txt",
+                 "first_video"):
+        assert torch.equal(getattr(third, name), getattr(fresh, name)), name
+
+
 def test_radix_top_n_breaks_ties_like_the_reference(monkeypatch):
     """Equal block scores (identical keys in every block) must pick the earliest blocks, as select_block_ids."""
     B, Hq, Hkv, Tk, D = 1, 4, 2, 200, 16
