@@ -24,7 +24,8 @@ For each length and mode (``dense``: the model as it is, SDPA; ``nsa``: ``nsa_co
 
 A mode that runs out of memory is reported as ``OOM``. ``--probe`` (after the table) or ``--probe-only`` finds, per
 mode, the longest T (multiple of ``--probe-step``) whose prefill + one decode step fit: doubling from the longest
-length that fitted (or ``--probe-start``), then bisection, within ``--probe-budget-s`` per mode.
+length that fitted (or ``--probe-start``), then bisection, within ``--probe-budget-s`` per mode; ``--probe-fits``
+and ``--probe-oom`` pass bounds found earlier (a probe cut by its budget resumes from them).
 ``--tiny`` runs the same code on a 2-layer toy configuration (the CPU smoke test).
 """
 
@@ -415,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--probe-step", type=int, default=16384)
     ap.add_argument("--probe-max", type=int, default=1 << 20)
     ap.add_argument("--probe-budget-s", type=float, default=500.0, help="stop probing a mode after this long")
+    ap.add_argument("--probe-fits", type=int, default=0, help="a length known to fit (e.g. from an earlier probe "
+                    "that ran out of time): the probe starts above it")
+    ap.add_argument("--probe-oom", type=int, help="a length known not to fit: the probe bisects below it")
     ap.add_argument("--tiny", action="store_true", help="2-layer toy model (smoke test; CPU works)")
     ap.add_argument("--device", choices=("cuda", "cpu"))
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
@@ -464,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                        args.profile_prefill) for T in tokens]
         rows += mode_rows
         if args.probe or args.probe_only:
-            fit = max((r["tokens"] for r in mode_rows if _fits(r)), default=0)
-            oom = min((r["tokens"] for r in mode_rows if not _fits(r) and r["tokens"] > fit), default=None)
+            fit = max([r["tokens"] for r in mode_rows if _fits(r)] + [args.probe_fits])
+            ooms = [r["tokens"] for r in mode_rows if not _fits(r)] + ([args.probe_oom] if args.probe_oom else [])
+            oom = min((t for t in ooms if t > fit), default=None)
             probes.append(probe(mode, hidden, dtype, args.probe_start, args.probe_step, args.probe_max,
                                 args.probe_budget_s, lo=fit, hi=oom))
             log(f"probe: {probes[-1]}")

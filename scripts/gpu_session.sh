@@ -111,8 +111,9 @@ PY
     else
       echo "no ncu on this machine" | tee "$OUT/ncu.txt"
     fi ;;
-  probe)
-    timeout 580 python3 -m nsa_compile.bench --probe-only --probe-budget-s 250 \
+  probe)  # PROBE_ARGS adds bench options, e.g. on an H200, one mode per call, resuming from earlier bounds:
+    # PROBE_ARGS="--modes dense --probe-fits 606208 --probe-oom 655360 --probe-budget-s 500"
+    timeout 580 python3 -m nsa_compile.bench --probe-only --probe-budget-s 250 ${PROBE_ARGS:-} \
       --json "$OUT/probe.json" 2>&1 | tail -40 | tee "$OUT/probe.txt" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

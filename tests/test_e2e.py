@@ -116,3 +116,16 @@ def test_probe_bisects_to_the_step_and_oom_is_caught(monkeypatch):
     assert tried[0] == 262144 and 131072 not in tried  # starts above the length known to fit
     with pytest.raises(ValueError):
         bench._attempt(lambda: (_ for _ in ()).throw(ValueError("not a memory error")))
+
+
+def test_probe_resumes_from_bounds_given_on_the_command_line(monkeypatch):
+    """--probe-fits / --probe-oom (bounds of an earlier probe cut by its time budget) reach the bisection."""
+    from nsa_compile import bench
+    got = []
+    monkeypatch.setattr(bench, "run_length", lambda mode, T, *a, **k: {"tokens": T})
+    monkeypatch.setattr(bench, "probe", lambda mode, *a, lo=0, hi=None: got.append((mode.name, lo, hi)) or {
+        "mode": mode.name, "fits_tokens": lo, "fits_video_tokens": lo, "first_oom_tokens": hi,
+        "resolved_to_step": False, "seconds": 0.0})
+    assert bench.main(["--tiny", "--probe-only", "--modes", "dense", "--probe-fits", "606208",
+                       "--probe-oom", "655360"]) == 0
+    assert got == [("dense", 606208, 655360)]
