@@ -253,9 +253,10 @@ class MaskCache:
             for k, m, value in self._entries:
                 if k == key and torch.equal(m, mask):
                     return value
-        value = build()
+        with torch.inference_mode(False):  # kept tensors are normal ones, usable by autograd-tracked calls later
+            value, copy = build(), mask.clone()
         with self._lock:
-            self._entries.insert(0, (key, mask.clone(), value))
+            self._entries.insert(0, (key, copy, value))
             del self._entries[self.keep:]
         return value
 

@@ -126,6 +126,21 @@ def test_layout_tables_are_shared_by_equal_masks_and_rebuilt_for_changed_ones():
     assert rel(nsa_triton_forward(q, k, v, gates, vm, *params).double(), ref) <= 1e-5
 
 
+def test_tables_built_under_inference_mode_serve_a_later_training_call():
+    """A mask's tables built in an inference-mode forward (e.g. an evaluation) are found again by a later training
+    step over the same mask; they must not be inference tensors there (autograd refuses to save those)."""
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES["B1-HQ7-H1-T90-group7"]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=4)
+    vm = spans(B, Tk, ranges)
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    with torch.inference_mode():
+        first = nsa_triton_forward(q, k, v, gates, vm.clone(), *params)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+    out = nsa_triton_forward(*inputs, vm, *params)
+    grads = nsa_triton_backward(torch.ones_like(out), *inputs, vm, *params)
+    assert torch.equal(out, first) and all(torch.isfinite(g_).all() for g_ in grads)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
