@@ -456,12 +456,8 @@ def sparse_decode_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_
         return out
 
     key = state_key(k, v, block_size, block_stride, selection_block_size)
-    # the call's last video position (−1: none), read in the lookup's one host sync: for a small mask (a decode
-    # step) the mask itself, found on the host (fewer launches); for a long one its reduction on the device
-    small = vm.numel() <= 4096
-    extra = vm.reshape(-1) if small else torch.where(vm, torch.arange(Tm, device=vm.device), -1).amax().reshape(1)
-    hits, considered, vals = STATES.lookup(k, v, key, extra=extra)
-    last_video = max((i % Tm for i, x in enumerate(vals) if x), default=-1) if small else vals[0]
+    last_video = torch.where(vm, torch.arange(Tm, device=vm.device), -1).amax().reshape(1)
+    hits, considered, (last_video,) = STATES.lookup(k, v, key, extra=last_video)
     state = hits[0] if len(hits) == 1 else None
     stale = False
     if len(hits) > 1:
