@@ -4,9 +4,10 @@ every attention computed by the kernels of `segment_attention`.
 Forward: dense attention for text queries (mode DENSE); for video queries the compression branch (mode COMPRESSED
 over mean-pooled keys, giving the log-sum-exp), the top-n blocks of every position (`select_topn`, from that
 log-sum-exp, in registers), the selection branch (mode SELECTION) and the sliding window (mode WINDOW). Each launch
-adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept. Backward recomputes
-the forward's softmax statistics and the per-row ``Σ dO·o_branch`` (the gate gradient), then accumulates dq, dk, dv
-branch by branch; no atomics, so forward and backward are bitwise reproducible. Head dims that are not a power of
+adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept. Backward, branch by
+branch: one pass over the forward's keys recomputes the softmax statistics and the per-row ``Σ dO·o_branch`` (the
+gate gradient) and accumulates dq; a second pass, per key block, accumulates dk and dv. No atomics, so forward and
+backward are bitwise reproducible. Head dims that are not a power of
 two (80, 96, …) are zero-padded to the next one: scores and outputs are unchanged.
 """
 
@@ -21,8 +22,9 @@ from torch import Tensor
 
 from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
-from .segment_attention import (COMPRESSED, DENSE, SELECTION, WINDOW, SegmentPlan, segment_attention_bwd,
-                                TopnGeometry, segment_attention_fwd, select_topn, topn_geometry)
+from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, WINDOW, SegmentPlan,
+                                TopnGeometry, segment_attention_bwd, segment_attention_fwd, select_topn,
+                                topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 
@@ -174,9 +176,10 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
                     backward: bool, itemsize: int = 2) -> int:
     """Bytes the Triton path allocates beyond its inputs (and, for the backward, beyond the output gradient) at its
     peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and its
-    fp32 accumulator over one chunk of KV heads (`kv_head_chunks`), the backward's fp32 dq, dk, dv and the
-    selection's tile lists, the top-n ids, softmax statistics and layout tables. An upper bound within a few
-    percent; the README's "Memory" table lists it for Qwen2.5-VL-7B's attention."""
+    fp32 accumulator over one chunk of KV heads (`kv_head_chunks`), the backward's fp32 dq, dk, dv, the selection's
+    tile lists or the compression's partial dk/dv (`segment_attention.compressed_dkdv_splits`), the top-n ids,
+    softmax statistics and layout tables. An upper bound within a few percent; the README's "Memory" table lists it
+    for Qwen2.5-VL-7B's attention."""
     Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     pad = (B * Hq * Tq * Dp + B * Hkv * Tk * Dp) * itemsize * (Dp != D) + B * Hkv * Tk * Dvp * itemsize * (Dvp != Dv)
     rows = B * Hq * Tq * 4 * 4  # lse, rowdot, delta, gates (fp32)
@@ -188,7 +191,8 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
         return pad + out + acc + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32
     csr = B * Hkv * Tq * (top_n + 1) * 8 * 4  # keys, sort buffers, unique flags
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
-    return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4)
+    partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
+    return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4, partial)
 
 
 def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_size: int, backward: bool) -> None:
@@ -295,7 +299,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         if name not in branches:
             continue
         plan, kk, vv = branches[name]
-        lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go)
+        lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq)
         if name == "compression":
             _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
         if plan.gate >= 0:
@@ -306,10 +310,10 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         if name == "compression":
             dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
                 vv.shape, dtype=torch.float32, device=q.device)
-            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dq, dkc, dvc)
+            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dkc, dvc)
             dk += _unpool(dkc, layout, Tk, block_size, block_stride)
             dv += _unpool(dvc, layout, Tk, block_size, block_stride)
         else:
-            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dq, dk, dv)
+            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dk, dv)
     return (dq[..., :D].to(dtypes[0]), dk[..., :D].to(dtypes[1]), dv[..., :Dv].to(dtypes[2]),
             dgates.to(dtypes[3]))

@@ -15,11 +15,11 @@ Modes (``MODE``):
                  (selection branch, NSA §3.3.2)
 
 Forward (`segment_attention_fwd`) adds ``gate · o`` of each needed row to an fp32 accumulator (so the gated
-combination of NSA eq. 5 needs no per-branch output tensor), or, when recomputing for the backward, writes the
-per-row ``Σ_d dO·o`` that both the gate gradient and the softmax backward need. Softmax statistics are fp32 whatever
-the input dtype. Backward: `segment_attention_bwd` adds dq per query tile and dk, dv per key segment (each key is
-owned by one program that walks the query tiles reading it), with no atomics: forward and backward are bitwise
-reproducible run to run.
+combination of NSA eq. 5 needs no per-branch output tensor), or, in the backward's pass over the same keys, writes
+the per-row ``Σ_d dO·o`` that both the gate gradient and the softmax backward need and adds the rows' dq. Softmax
+statistics are fp32 whatever the input dtype. `segment_attention_bwd` then adds dk, dv per key segment (each key is
+owned by one program that walks the query tiles reading it; the compression branch's walk is split in chunks summed
+in a fixed order), with no atomics: forward and backward are bitwise reproducible run to run.
 
 `select_topn` is the selection branch's block scoring and top-n (NSA §3.3.2, eqs. 8-11) in one kernel: it
 recomputes the compression probabilities from the compression branch's log-sum-exp, sums them over the GQA group
@@ -41,13 +41,14 @@ DENSE, WINDOW, COMPRESSED, SELECTION = 0, 1, 2, 3
 
 @triton.jit
 def _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr,
-          BLOCK_T: tl.constexpr, D: tl.constexpr):
-    """The tile's rows: batch, KV head, position index t, row-local position, head h, validity, key position p,
-    the fp32 row index into [B, Hq, Tq] tensors, the needed flags and the queries [rows, D]."""
+          BLOCK_T: tl.constexpr, D: tl.constexpr, RT: tl.constexpr):
+    """The rows of ``RT`` tiles (``tile``: a scalar for RT = 1, else int32 [RT·BLOCK_T·GP], each row's tile; a tile
+    ≥ cdiv(Tq, BLOCK_T) makes its rows invalid): batch, KV head, position index t, tile-local position, validity,
+    key position p, the fp32 row index into [B, Hq, Tq] tensors and the queries [rows, D]."""
     b = bh // HKV
     hkv = bh % HKV
-    r = tl.arange(0, BLOCK_T * GP)
-    t_loc = r // GP
+    r = tl.arange(0, RT * BLOCK_T * GP)
+    t_loc = (r // GP) % BLOCK_T
     t = tile * BLOCK_T + t_loc
     g = r % GP
     valid = (g < G) & (t < Tq)
@@ -62,9 +63,10 @@ def _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G: tl.constexpr, GP: tl.cons
 
 
 @triton.jit
-def _n_segments(MODE: tl.constexpr, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T: tl.constexpr,
+def _n_segments(MODE: tl.constexpr, tile, b, Tq, Tk, n_txt, window, CMP_N, BLOCK_T: tl.constexpr,
                 BLOCK_N: tl.constexpr, NSEL: tl.constexpr):
-    """First key ``lo`` and number of key segments a tile visits."""
+    """First key ``lo`` and number of key segments a tile visits (COMPRESSED: CMP_N int32 [B, tiles] holds how
+    many compressed keys the tile's last position sees)."""
     p_lo = Tk - Tq + tile * BLOCK_T
     p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
     if MODE == 0:
@@ -75,7 +77,7 @@ def _n_segments(MODE: tl.constexpr, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T: tl
         n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
     elif MODE == 2:
         lo = 0
-        n_seg = tl.cdiv(Nk, BLOCK_N)
+        n_seg = tl.cdiv(tl.load(CMP_N + b * tl.num_programs(0) + tile), BLOCK_N)
     else:
         lo = 0
         n_seg = n_txt + BLOCK_T * (NSEL + 1)
@@ -127,28 +129,42 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
 
 
 @triton.jit
-def _fwd(Q, K, V, ACC, LSE, ROWD, DO, GATE, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID,
+def _fwd(Q, K, V, ACC, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
          Tq, Tk, Nk, Ns, n_txt, window, scale,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, ROWDOT: tl.constexpr):
-    """Online-softmax forward of one tile. ROWDOT=False: ACC[row] += gate·o; ROWDOT=True: ROWD[row] = Σ dO·o.
-    LSE[row] = log-sum-exp (+inf for a row that sees nothing: its o is 0). Rows not needed are left untouched."""
+         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr):
+    """Online-softmax pass of one tile over its key segments; LSE[row] = log-sum-exp (+inf for a row that sees
+    nothing: its o is 0). Rows not needed are left untouched.
+
+    BWD=False (forward): ACC[row] += gate·o. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and DQ[row] +=
+    the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta = gate·rowd,
+    the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j = scale · gate · (Σ_j P_j (dp_j − c) k_j
+    + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated online (rescaled with the running max like o)
+    before rowd is known, with c per row the P-weighted mean of dp over the row's first visible segment, so the
+    bf16-rounded terms P_j (dp_j − c) are small like the usual P_j (dp_j − delta)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
-                                               BLOCK_T, D)
+                                               BLOCK_T, D, 1)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
-    lo, n_seg = _n_segments(MODE, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T, BLOCK_N, NSEL)
+    lo, n_seg = _n_segments(MODE, tile, b, Tq, Tk, n_txt, window, CMP_N, BLOCK_T, BLOCK_N, NSEL)
 
     m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], tl.float32)
-    acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)  # forward: Σ e_j v_j
+    a1 = tl.zeros([BLOCK_T * GP, D], tl.float32)  # backward: Σ e_j (dp_j − c) k_j
+    a2 = tl.zeros([BLOCK_T * GP, D], tl.float32)  # backward: Σ e_j k_j
+    edp = tl.zeros([BLOCK_T * GP], tl.float32)  # backward: Σ e_j dp_j
+    c_ref = tl.zeros([BLOCK_T * GP], tl.float32)
+    o_ptr = row[:, None] * DV + dv[None, :]
+    if BWD:
+        do = tl.load(DO + o_ptr, mask=valid[:, None], other=0.0)
     n = tl.arange(0, BLOCK_N)
     for i in range(0, n_seg):
         start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N,
@@ -165,20 +181,36 @@ def _fwd(Q, K, V, ACC, LSE, ROWD, DO, GATE, KEND, TXT, SEG, SEL, OWN, BSTART, BL
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             e = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(e, axis=1)
+            e_sum = tl.sum(e, axis=1)
             v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+            if BWD:
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                e_dp = tl.sum(e * dp, axis=1)
+                c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
+                edp = edp * alpha + e_dp
+                a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
+                                                  input_precision=PRECISION)
+                a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + e_sum
             m_i = m_new
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(tl.where(empty, 1.0, l_i))), mask=valid)
-    o_ptr = row[:, None] * DV + dv[None, :]
-    if ROWDOT:
-        do = tl.load(DO + o_ptr, mask=valid[:, None], other=0.0).to(tl.float32)
-        tl.store(ROWD + row, tl.sum(do * out, axis=1), mask=valid)
+    l_safe = tl.where(empty, 1.0, l_i)
+    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
+    gate = 1.0
+    if GI >= 0:
+        gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
+    if BWD:
+        rowd = edp / l_safe
+        tl.store(ROWD + row, rowd, mask=valid)
+        dq = (a1 + (c_ref - rowd)[:, None] * a2) * (gate * scale / l_safe)[:, None]
+        dq_ptr = DQ + row[:, None] * D + d[None, :]
+        tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
     else:
+        out = acc / l_safe[:, None]
         if GI >= 0:
-            out = out * tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)[:, None]
+            out = out * gate[:, None]
         prev = tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
         tl.store(ACC + o_ptr, prev + out, mask=valid[:, None])
 
@@ -193,58 +225,18 @@ def _gated_do(DO, GATE, row, valid, GI: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq(Q, K, V, DO, GATE, LSE, DELTA, DQ, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID,
-            sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-            Tq, Tk, Nk, Ns, n_txt, window, scale,
-            G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-            D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
-            PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
-    """DQ[row] += dq of one branch, per query tile (the same key segments as the forward)."""
-    tile = tl.program_id(0)
-    b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
-                                               BLOCK_T, D)
-    if tl.max(valid.to(tl.int32), axis=0) == 0:
-        return
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
-    do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
-    lse = tl.load(LSE + row, mask=valid, other=float("inf"))
-    delta = tl.load(DELTA + row, mask=valid, other=0.0)
-    k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
-    v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
-    lo, n_seg = _n_segments(MODE, tile, Tq, Tk, Nk, n_txt, window, BLOCK_T, BLOCK_N, NSEL)
-
-    dq = tl.zeros([BLOCK_T * GP, D], tl.float32)
-    n = tl.arange(0, BLOCK_N)
-    for i in range(0, n_seg):
-        start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N,
-                                        NSEL)
-        if length > 0:
-            c = start + n
-            c_ok = (n < length) & (c < Nk)
-            k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
-                           b.to(tl.int64) * Tk, HAS_KMASK) & valid[:, None]
-            pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = pr * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    ptr = DQ + row[:, None] * D + d[None, :]
-    tl.store(ptr, tl.load(ptr, mask=valid[:, None], other=0.0) + dq * scale, mask=valid[:, None])
-
-
-@triton.jit
 def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID, CSR_OFF,
               CSR_TILES,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-              Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pairs, window, scale,
+              Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pairs, window, scale, split,
               G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, GI: tl.constexpr,
-              MODE: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
+              MODE: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, RT: tl.constexpr,
+              SPLIT: tl.constexpr):
     """DK, DV += one branch's gradient of one key segment, walking the query tiles that read it: a contiguous range
-    for dense / window / compressed keys and for text chunks, a CSR list for a selection block."""
+    for dense / window / compressed keys and for text chunks, a CSR list for a selection block; ``RT`` tiles per
+    step. SPLIT: program (kid, bh, s) walks only tiles [s·split, (s+1)·split) and stores its partial sums in slice s
+    of DK, DV (fp32 [splits, B, Hkv, Nk, ·], summed by the host) instead of adding to them."""
     kid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -289,13 +281,20 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
                 mask=c_ok[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + dv[None, :],
                 mask=c_ok[:, None], other=0.0)
+    if SPLIT:
+        t_lo = tl.maximum(t_lo, tl.program_id(2) * split)
+        t_hi = tl.minimum(t_hi, tl.program_id(2) * split + split)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
-    for i in range(t_lo, t_hi):
-        tile = i
+    step = tl.arange(0, RT * BLOCK_T * GP) // (BLOCK_T * GP)  # each row's tile among the RT of a step
+    for i in range(t_lo, t_hi, RT):
+        e = i + step
         if csr:
-            tile = tl.load(CSR_TILES + (b * HKV + hkv).to(tl.int64) * n_pairs + i)
-        _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D)
+            tile = tl.load(CSR_TILES + (b * HKV + hkv).to(tl.int64) * n_pairs + e, mask=e < t_hi, other=n_tiles)
+        else:
+            tile = tl.where(e < t_hi, e, n_tiles)
+        _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D,
+                                                 RT)
         if tl.max(valid.to(tl.int32), axis=0) > 0:
             do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
             lse = tl.load(LSE + row, mask=valid, other=float("inf"))
@@ -320,11 +319,15 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
             ds = pr * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
             dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
-    kv_off = (b * HKV + hkv).to(tl.int64) * Nk
+    kv_off = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * Nk
     pk = DK + (kv_off + c)[:, None] * D + d[None, :]
     pv = DV_ + (kv_off + c)[:, None] * DV + dv[None, :]
-    tl.store(pk, tl.load(pk, mask=c_ok[:, None], other=0.0) + dk * scale, mask=c_ok[:, None])
-    tl.store(pv, tl.load(pv, mask=c_ok[:, None], other=0.0) + dvv, mask=c_ok[:, None])
+    dk = dk * scale
+    if not SPLIT:
+        dk += tl.load(pk, mask=c_ok[:, None], other=0.0)
+        dvv += tl.load(pv, mask=c_ok[:, None], other=0.0)
+    tl.store(pk, dk, mask=c_ok[:, None])
+    tl.store(pv, dvv, mask=c_ok[:, None])
 
 
 # -------------------------------------------------------------------------------------------------- host side
@@ -407,56 +410,95 @@ def _launch_common(q, k, v, plan: SegmentPlan):
     return tables, strides, (Tq, plan.tk, Nk, Ns, n_txt), meta, (triton.cdiv(Tq, BLOCK_T), B * Hkv)
 
 
-def _launch_options(q, plan: SegmentPlan) -> dict:
+def _launch_options(q, plan: SegmentPlan, bwd: bool = False) -> dict:
     """Selection tiles are 16 rows reading data-dependent blocks: few warps and no software pipelining (whose
-    shared-memory buffers would cap the programs resident per SM), so many programs hide the load latency."""
+    shared-memory buffers would cap the programs resident per SM), so many programs hide the load latency. The
+    backward's pass keeps two fp32 [rows, D] sums: 8 warps for the 128-row tiles."""
     if plan.mode == SELECTION:
         return dict(num_warps=2, num_stages=1)
+    if bwd:
+        return dict(num_warps=8, num_stages=1)
     return dict(num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2)
 
 
-def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None):
-    """One branch's forward.
+def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None, dq=None):
+    """One branch's forward, or the backward's pass over the same keys.
 
     Args:
         q [B, Hq, Tq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv] (Nk = Tk, or the compressed count in COMPRESSED
         mode), fp16 / bf16 / fp32; gates: fp32 contiguous [B, Hq, Tq, 3];
         acc: fp32 contiguous [B, Hq, Tq, Dv]: the needed rows get ``+= gate·o`` (or ``+= o`` without a gate);
-        grad_out: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO: returns the rows' ``Σ_d dO·o`` (fp32 [B, Hq, Tq]).
+        grad_out, dq: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
+        needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned.
     Returns:
         (lse fp32 [B, Hq, Tq], rowdot fp32 [B, Hq, Tq] or None); rows not needed hold NaN.
     """
     tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan)
     B, Hq, Tq = q.shape[:3]
+    bwd = grad_out is not None
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
-    rowd = None if grad_out is None else torch.full_like(lse, float("nan"))
+    rowd = torch.full_like(lse, float("nan")) if bwd else None
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
-    _fwd[grid](q, k, v, z if acc is None else acc, lse, z if rowd is None else rowd,
-               z if grad_out is None else grad_out, gates, *tables, *strides, *sizes, plan.window, scale, **meta,
-               ROWDOT=grad_out is not None, **_launch_options(q, plan))
+    cmp_n = z
+    if plan.mode == COMPRESSED:  # causality: a tile visits only the compressed keys its last position sees
+        last = (torch.arange(1, grid[0] + 1, device=q.device, dtype=torch.int32) * meta["BLOCK_T"]).clamp(max=Tq)
+        last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
+        cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
+    _fwd[grid](q, k, v, z if bwd else acc, lse, rowd if bwd else z, grad_out if bwd else z, dq if bwd else z, gates,
+               tables[0], cmp_n, *tables[1:], *strides, *sizes, plan.window, scale, **meta, BWD=bwd,
+               **_launch_options(q, plan, bwd))
     return lse, rowd
 
 
-def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dq, dk, dv):
-    """One branch's backward, accumulated in place: ``dq`` fp32 [B, Hq, Tq, D], ``dk`` fp32 [B, Hkv, Nk, D], ``dv``
-    fp32 [B, Hkv, Nk, Dv] (all contiguous) get the gradients of ``Σ gate·o``. ``lse`` from the forward and ``delta``
-    = ``Σ_d (gate·dO)·o`` per row (fp32 [B, Hq, Tq]); ``grad_out`` contiguous [B, Hq, Tq, Dv]."""
+def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dk, dv):
+    """dk, dv of one branch (its dq comes with the backward's pass, `segment_attention_fwd` with ``grad_out``),
+    accumulated in place: ``dk`` fp32 [B, Hkv, Nk, D], ``dv`` fp32 [B, Hkv, Nk, Dv] (contiguous) get the gradients
+    of ``Σ gate·o``. ``lse`` from that pass and ``delta`` = ``Σ_d (gate·dO)·o`` per row (fp32 [B, Hq, Tq]);
+    ``grad_out`` contiguous [B, Hq, Tq, Dv]."""
     tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan)
     B, Hq, Tq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
-    _bwd_dq[grid](q, k, v, grad_out, gates, lse, delta, dq, *tables, *strides, *sizes, plan.window, scale, **meta,
-                  num_stages=1, num_warps=_launch_options(q, plan)["num_warps"])
     n_tiles = grid[0]
     Ns, n_txt = sizes[3], sizes[4]
+    rt, splits = 1, 1
     if plan.mode == SELECTION:
         off, tiles = _selection_csr(plan, q.shape, Hkv, n_tiles, meta["BLOCK_T"])
         n_keys = Ns + n_txt
+        rt = max(1, SELECTION_DKDV_ROWS // (meta["BLOCK_T"] * meta["GP"]))
     else:
         off = tiles = torch.zeros(1, dtype=torch.int32, device=q.device)
         n_keys = triton.cdiv(Nk, plan.block_n)
-    _bwd_dkdv[(n_keys, B * Hkv)](q, k, v, grad_out, gates, lse, delta, dk, dv, *tables, off, tiles, *strides,
-                                 *sizes, n_tiles, tiles.shape[-1], plan.window, scale, **meta,
-                                 NSEL_P2=triton.next_power_of_2(meta["NSEL"]), num_stages=1)
+        if plan.mode == COMPRESSED:
+            splits = compressed_dkdv_splits(n_tiles, B * Hkv * Nk * (D + v.shape[-1]) * 4)
+    split = triton.cdiv(n_tiles, splits)
+    dk_, dv_ = dk, dv
+    if splits > 1:
+        dk_, dv_ = dk.new_empty(splits, *dk.shape), dv.new_empty(splits, *dv.shape)
+    _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, *tables, off, tiles,
+                                         *strides, *sizes, n_tiles, tiles.shape[-1], plan.window, scale, split,
+                                         **meta, NSEL_P2=triton.next_power_of_2(meta["NSEL"]), RT=rt,
+                                         SPLIT=splits > 1, num_stages=1)
+    if splits > 1:  # a fixed-order sum: deterministic
+        dk += dk_.sum(0)
+        dv += dv_.sum(0)
+
+
+# Selection dk/dv: rows per step of a key block's walk over the query tiles that chose it (several tiles per step,
+# so each round trip to memory carries more work).
+SELECTION_DKDV_ROWS = 64
+# Compression dk/dv: the few compressed keys are each read by every later query, so one program per key block
+# would walk up to all query tiles alone (the backward's long pole at long context); the walk is split in chunks of
+# at least this many tiles, with at most COMPRESSED_SPLIT_BYTES of fp32 partial sums.
+COMPRESSED_SPLIT_TILES = 64
+COMPRESSED_SPLIT_BYTES = 256 << 20
+
+
+def compressed_dkdv_splits(n_tiles: int, bytes_per_split: int) -> int:
+    """Chunks the compression branch's dk/dv walk over ``n_tiles`` query tiles is split in (1: no split), given
+    the fp32 bytes of one chunk's partial dk and dv."""
+    cap = max(1, COMPRESSED_SPLIT_BYTES // bytes_per_split)
+    splits = max(1, min(triton.cdiv(n_tiles, COMPRESSED_SPLIT_TILES), cap))
+    return triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
 
 
 def _selection_csr(plan: SegmentPlan, q_shape, Hkv: int, n_tiles: int, BLOCK_T: int):
@@ -494,7 +536,7 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
     below); the running top-N is merged per chunk of BLOCK_S blocks by one bitonic sort of (kept, new) keys."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
-                                               BLOCK_T, D)
+                                               BLOCK_T, D, 1)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
     lse = tl.load(LSE + row, mask=valid, other=float("inf"))

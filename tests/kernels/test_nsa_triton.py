@@ -85,6 +85,38 @@ def test_forward_in_kv_head_chunks_equals_one_chunk(case, monkeypatch):
                                              *params)) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B2-HQ6-H2-T80-two-spans"])
+def test_compression_dkdv_split_over_query_chunks(case, monkeypatch):
+    """The compression branch's dk/dv walk split in chunks of one query tile (partial sums added by the host):
+    gradients as exact against the reference as one walk per key block."""
+    from nsa_compile.kernels import segment_attention as sa
+
+    used = []
+    real = sa.compressed_dkdv_splits
+    monkeypatch.setattr(sa, "COMPRESSED_SPLIT_TILES", 1)
+    monkeypatch.setattr(sa, "compressed_dkdv_splits", lambda *a: used.append(real(*a)) or used[-1])
+    _, _, grads, ref_grads = run_both(case, torch.float32, seed=5)
+    assert used and min(used) > 1
+    for name, g, r in zip("qkvg", grads, ref_grads):
+        check(g, r, 1e-5, name)
+
+
+def test_gradients_with_keys_of_a_large_common_mean():
+    """Keys sharing a large mean vector (common in LLM attention): the backward's one-pass dq (Σ P(dp − c)k and
+    (c − rowd)·Σ Pk, see `segment_attention._fwd`) must not lose the difference to rounding in fp16."""
+    B, Hq, Hkv, T, D = 1, 7, 1, 90, 16
+    q, k, v, gates = make(B, Hq, Hkv, T, T, D=D, dtype=torch.float16, seed=2)
+    k = (k.float() + 16 * torch.randn(D, generator=torch.Generator().manual_seed(9))).half()
+    vm = spans(B, T, [[(5, 85)]])
+    params = (0.5 / D ** 0.5, 16, 16, 16, 3, 20)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
+    ref = nsa_reference(*ref_in, vm, None, *params)
+    go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref.backward(go)
+    for name, g, r in zip("qkvg", nsa_triton_backward(go.half(), q, k, v, gates, vm, *params), ref_in):
+        check(g, r.grad, 1e-2, name)
+
+
 def test_forward_memory_estimate_counts_one_accumulator_chunk():
     """Shape A at 128K: the forward's work memory is the output plus a quarter of the fp32 accumulator (one KV head
     per chunk) and small tables, i.e. within dense attention's output + output (the issue's memory goal)."""
