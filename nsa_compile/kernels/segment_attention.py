@@ -166,35 +166,33 @@ def _fwd(Q, K, V, ACC, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, SEL, OWN,
     if BWD:
         do = tl.load(DO + o_ptr, mask=valid[:, None], other=0.0)
     n = tl.arange(0, BLOCK_N)
-    for i in range(0, n_seg):
-        start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N,
-                                        NSEL)
-        if length > 0:
-            c = start + n
-            c_ok = (n < length) & (c < Nk)
-            k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
-                           b.to(tl.int64) * Tk, HAS_KMASK)
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            e = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            e_sum = tl.sum(e, axis=1)
-            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-            if BWD:
-                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-                e_dp = tl.sum(e * dp, axis=1)
-                c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
-                edp = edp * alpha + e_dp
-                a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
-                                                  input_precision=PRECISION)
-                a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
-            else:
-                acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
-            l_i = l_i * alpha + e_sum
-            m_i = m_new
+    for i in range(0, n_seg):  # no branch on empty segments (their loads are masked): the loop can pipeline
+        start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N, NSEL)
+        c = start + n
+        c_ok = (n < length) & (c < Nk)
+        k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                       b.to(tl.int64) * Tk, HAS_KMASK)
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        e = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m_i - m_safe)
+        e_sum = tl.sum(e, axis=1)
+        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+        if BWD:
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            e_dp = tl.sum(e * dp, axis=1)
+            c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
+            edp = edp * alpha + e_dp
+            a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
+                                              input_precision=PRECISION)
+            a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+        l_i = l_i * alpha + e_sum
+        m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
@@ -411,11 +409,12 @@ def _launch_common(q, k, v, plan: SegmentPlan):
 
 
 def _launch_options(q, plan: SegmentPlan, bwd: bool = False) -> dict:
-    """Selection tiles are 16 rows reading data-dependent blocks: few warps and no software pipelining (whose
-    shared-memory buffers would cap the programs resident per SM), so many programs hide the load latency. The
-    backward's pass keeps two fp32 [rows, D] sums: 8 warps for the 128-row tiles."""
+    """Measured on an H100 at 128K (BENCHMARKS.md, eighth session): selection tiles (16 rows reading data-dependent
+    blocks) gain most from two-stage pipelining of their K/V loads, with 4 warps in the forward and 2 in the
+    backward's pass (which keeps more registers per row). That pass keeps two fp32 [rows, D] sums: 8 warps for the
+    128-row tiles of the other modes."""
     if plan.mode == SELECTION:
-        return dict(num_warps=2, num_stages=1)
+        return dict(num_warps=2 if bwd else 4, num_stages=2)
     if bwd:
         return dict(num_warps=8, num_stages=1)
     return dict(num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2)
