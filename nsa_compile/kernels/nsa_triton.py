@@ -7,8 +7,8 @@ log-sum-exp, in registers), the selection branch (mode SELECTION) and the slidin
 adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept. Backward, branch by
 branch: one pass over the forward's keys recomputes the softmax statistics and the per-row ``Σ dO·o_branch`` (the
 gate gradient) and accumulates dq; a second pass, per key block, accumulates dk and dv. No atomics, so forward and
-backward are bitwise reproducible. Head dims that are not a power of
-two (80, 96, …) are zero-padded to the next one: scores and outputs are unchanged.
+backward are bitwise reproducible. Head dims that are not a power of two (80, 96, …) are zero-padded to the next
+one: scores and outputs are unchanged.
 """
 
 from __future__ import annotations
