@@ -32,9 +32,13 @@ def block_structured(k, block=64, strength=1.0, seed=0):
     return (k.float() + strength * shared.repeat_interleave(block, 2)[:, :, :T]).to(k.dtype)
 
 
-def run_both(case, dtype, seed=0):
+def run_both(case, dtype, seed=0, key_mean=0.0):
+    """Forward and gradients of the Triton path and of the fp64 reference on the case's random inputs; with
+    ``key_mean``, every key is shifted by that many times one random vector (keys of a large common mean)."""
     B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
     q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=dtype, seed=seed)
+    if key_mean:
+        k = (k.float() + key_mean * torch.randn(D, generator=torch.Generator().manual_seed(seed + 9))).to(dtype)
     vm = spans(B, Tk, ranges)[:, Tk - Tq:]
     params = (0.5 / D ** 0.5, l, d, ls, n, w)
     ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]  # fp64 oracle on the same rounded inputs
@@ -104,17 +108,9 @@ def test_compression_dkdv_split_over_query_chunks(case, monkeypatch):
 def test_gradients_with_keys_of_a_large_common_mean():
     """Keys sharing a large mean vector (common in LLM attention): the backward's one-pass dq (Σ P(dp − c)k and
     (c − rowd)·Σ Pk, see `segment_attention._fwd`) must not lose the difference to rounding in fp16."""
-    B, Hq, Hkv, T, D = 1, 7, 1, 90, 16
-    q, k, v, gates = make(B, Hq, Hkv, T, T, D=D, dtype=torch.float16, seed=2)
-    k = (k.float() + 16 * torch.randn(D, generator=torch.Generator().manual_seed(9))).half()
-    vm = spans(B, T, [[(5, 85)]])
-    params = (0.5 / D ** 0.5, 16, 16, 16, 3, 20)
-    ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
-    ref = nsa_reference(*ref_in, vm, None, *params)
-    go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ref.backward(go)
-    for name, g, r in zip("qkvg", nsa_triton_backward(go.half(), q, k, v, gates, vm, *params), ref_in):
-        check(g, r.grad, 1e-2, name)
+    _, _, grads, ref_grads = run_both("B1-HQ7-H1-T90-group7", torch.float16, seed=2, key_mean=16.0)
+    for name, g, r in zip("qkvg", grads, ref_grads):
+        check(g, r, 1e-2, name)
 
 
 def test_forward_memory_estimate_counts_one_accumulator_chunk():
