@@ -177,9 +177,9 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     """Bytes the Triton path allocates beyond its inputs (and, for the backward, beyond the output gradient) at its
     peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and its
     fp32 accumulator over one chunk of KV heads (`kv_head_chunks`), the backward's fp32 dq, dk, dv, the selection's
-    tile lists or the compression's partial dk/dv (`segment_attention.compressed_dkdv_splits`), the top-n ids,
-    softmax statistics and layout tables. An upper bound within a few percent; the README's "Memory" table lists it
-    for Qwen2.5-VL-7B's attention."""
+    position lists (`segment_attention._selection_walk`) or the compression's partial dk/dv
+    (`segment_attention.compressed_dkdv_splits`), the top-n ids, softmax statistics and layout tables. An upper
+    bound within a few percent; the README's "Memory" table lists it for Qwen2.5-VL-7B's attention."""
     Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     pad = (B * Hq * Tq * Dp + B * Hkv * Tk * Dp) * itemsize * (Dp != D) + B * Hkv * Tk * Dvp * itemsize * (Dvp != Dv)
     rows = B * Hq * Tq * 4 * 4  # lse, rowdot, delta, gates (fp32)
@@ -189,7 +189,7 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
         acc = B * Hq * Tq * Dvp * 4 // kv_head_chunks(B, Hkv, Hq // Hkv, Tq, Dv)
         out = B * Hq * Tq * Dv * itemsize
         return pad + out + acc + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32
-    csr = B * Hkv * Tq * (top_n + 1) * 8 * 4  # keys, sort buffers, unique flags
+    csr = B * Hkv * Tq * (top_n + 1) * 5 * 4  # the selection's position lists: ids, sorted ids, order (int64), pos
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
     return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4, partial)

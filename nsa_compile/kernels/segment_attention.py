@@ -223,37 +223,34 @@ def _gated_do(DO, GATE, row, valid, GI: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID, CSR_OFF,
-              CSR_TILES,
+def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, NEED, KVALID, WALK, POS,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-              Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pairs, window, scale, split,
+              Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pos, window, scale, split,
               G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
-              D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSEL_P2: tl.constexpr, GI: tl.constexpr,
-              MODE: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, RT: tl.constexpr,
-              SPLIT: tl.constexpr):
-    """DK, DV += one branch's gradient of one key segment, walking the query tiles that read it: a contiguous range
-    for dense / window / compressed keys and for text chunks, a CSR list for a selection block; ``RT`` tiles per
-    step. SPLIT: program (kid, bh, s) walks only tiles [s·split, (s+1)·split) and stores its partial sums in slice s
-    of DK, DV (fp32 [splits, B, Hkv, Nk, ·], summed by the host) instead of adding to them."""
+              D: tl.constexpr, DV: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr,
+              HAS_KMASK: tl.constexpr, RT: tl.constexpr, SPLIT: tl.constexpr):
+    """DK, DV += one branch's gradient of one key segment (program kid, bh), walking the query rows that read it,
+    ``RT`` tiles per step. SELECTION mode (``BLOCK_T`` = 1: a tile is one position): WALK int32 [B·Hkv, Ns + n_txt,
+    2] = (first, end) from `_selection_walk`: for selection block kid < Ns the positions POS[bh, first:end] that
+    selected it or own it, for text chunk kid − Ns the positions first … end−1. Other modes: key block kid and the
+    contiguous range of query tiles that see it; SPLIT: program (kid, bh, s) walks only tiles [s·split,
+    (s+1)·split) and stores its partial sums in slice s of DK, DV (fp32 [splits, B, Hkv, Nk, ·], summed by the
+    host) instead of adding to them."""
     kid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
     off = Tk - Tq  # key position of query 0
-    csr = (MODE == 3) & (kid < Ns)
-    sid = tl.where(kid < Ns, kid, -1)
     if MODE == 3:
+        walk = WALK + (bh.to(tl.int64) * (Ns + n_txt) + kid) * 2
+        t_lo = tl.load(walk)
+        t_hi = tl.load(walk + 1)
         if kid < Ns:
             start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
             length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
-            base = (b * HKV + hkv).to(tl.int64) * (Ns + 1) + kid
-            t_lo = tl.load(CSR_OFF + base)
-            t_hi = tl.load(CSR_OFF + base + 1)
         else:
             start = tl.load(TXT + (b * n_txt + kid - Ns) * 2).to(tl.int64)
             length = tl.load(TXT + (b * n_txt + kid - Ns) * 2 + 1)
-            t_lo = tl.maximum(start - off, 0).to(tl.int32) // BLOCK_T
-            t_hi = n_tiles
     else:
         start = (kid * BLOCK_N).to(tl.int64)
         length = BLOCK_N
@@ -268,6 +265,9 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
             last = Tk
         t_lo = (tl.maximum(first - off, 0) // BLOCK_T).to(tl.int32)
         t_hi = tl.minimum(tl.cdiv(tl.maximum(last - off, 0), BLOCK_T), n_tiles).to(tl.int32)
+        if SPLIT:
+            t_lo = tl.maximum(t_lo, tl.program_id(2) * split)
+            t_hi = tl.minimum(t_hi, tl.program_id(2) * split + split)
     n = tl.arange(0, BLOCK_N)
     c = start + n
     c_ok = (n < length) & (c < Nk)
@@ -279,16 +279,14 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
                 mask=c_ok[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + dv[None, :],
                 mask=c_ok[:, None], other=0.0)
-    if SPLIT:
-        t_lo = tl.maximum(t_lo, tl.program_id(2) * split)
-        t_hi = tl.minimum(t_hi, tl.program_id(2) * split + split)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     step = tl.arange(0, RT * BLOCK_T * GP) // (BLOCK_T * GP)  # each row's tile among the RT of a step
     for i in range(t_lo, t_hi, RT):
         e = i + step
-        if csr:
-            tile = tl.load(CSR_TILES + (b * HKV + hkv).to(tl.int64) * n_pairs + e, mask=e < t_hi, other=n_tiles)
+        if MODE == 3:
+            listed = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < tl.where(kid < Ns, t_hi, 0), other=n_tiles)
+            tile = tl.where(kid < Ns, listed, tl.where(e < t_hi, e, n_tiles))
         else:
             tile = tl.where(e < t_hi, e, n_tiles)
         _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D,
@@ -297,14 +295,8 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, SEG, SEL, OWN, 
             do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
             lse = tl.load(LSE + row, mask=valid, other=float("inf"))
             delta = tl.load(DELTA + row, mask=valid, other=0.0)
-            if MODE == 3:
-                # a row sees this segment if it is text (sid −1), its own block, or one of its selected blocks
-                own = tl.load(OWN + b.to(tl.int64) * Tk + p, mask=valid, other=-3)
-                slot = tl.arange(0, NSEL_P2)
-                sel = tl.load(SEL + ((b * HKV + hkv).to(tl.int64) * Tq + t)[:, None] * NSEL + slot[None, :],
-                              mask=valid[:, None] & (slot < NSEL)[None, :], other=-3)
-                chosen = tl.sum((sel == sid).to(tl.int32), axis=1) > 0
-                vis = (c[None, :] <= p[:, None]) & ((sid < 0) | (own == sid) | chosen)[:, None] & c_ok[None, :]
+            if MODE == 3:  # every listed position reads the block (causally); text: every later position
+                vis = (c[None, :] <= p[:, None]) & c_ok[None, :]
                 if HAS_KMASK:
                     vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
             else:
@@ -396,15 +388,21 @@ class SegmentPlan:
                  pick(self.block_start), pick(self.block_len), self.need, pick(self.key_valid)), Ns, n_txt, nsel)
 
 
-def _launch_common(q, k, v, plan: SegmentPlan):
+def _launch_common(q, k, v, plan: SegmentPlan, by_position: bool = False):
+    """Tables, strides, sizes, constexprs and query-tile grid of a `_fwd` launch, or (``by_position``) of a
+    `_bwd_dkdv` launch, whose selection tiles are single positions."""
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
+    if by_position and plan.mode == SELECTION:
+        BLOCK_T = 1
     tables, Ns, n_txt, nsel = plan.tables(q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    meta = dict(G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, GI=plan.gate,
+    meta = dict(G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_N=plan.block_n, D=D, DV=Dv, GI=plan.gate,
                 MODE=plan.mode, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 HAS_KMASK=plan.key_valid is not None and plan.mode != COMPRESSED)
+    if not by_position:
+        meta["NSEL"] = nsel
     return tables, strides, (Tq, plan.tk, Nk, Ns, n_txt), meta, (triton.cdiv(Tq, BLOCK_T), B * Hkv)
 
 
@@ -454,37 +452,40 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     accumulated in place: ``dk`` fp32 [B, Hkv, Nk, D], ``dv`` fp32 [B, Hkv, Nk, Dv] (contiguous) get the gradients
     of ``Σ gate·o``. ``lse`` from that pass and ``delta`` = ``Σ_d (gate·dO)·o`` per row (fp32 [B, Hq, Tq]);
     ``grad_out`` contiguous [B, Hq, Tq, Dv]."""
-    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan)
+    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan, by_position=True)
+    kend, text, _, _, _, bstart, blen, need, kvalid = tables
     B, Hq, Tq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     n_tiles = grid[0]
-    Ns, n_txt = sizes[3], sizes[4]
-    rt, splits = 1, 1
+    splits = 1
+    options = dict(num_warps=4, num_stages=1)
     if plan.mode == SELECTION:
-        off, tiles = _selection_csr(plan, q.shape, Hkv, n_tiles, meta["BLOCK_T"])
-        n_keys = Ns + n_txt
-        rt = max(1, SELECTION_DKDV_ROWS // (meta["BLOCK_T"] * meta["GP"]))
+        pos, walk = _selection_walk(plan, Tq, Hkv)
+        n_keys = walk.shape[1]
+        rt = max(1, SELECTION_DKDV_ROWS // meta["GP"])
+        options = SELECTION_DKDV_OPTIONS
     else:
-        off = tiles = torch.zeros(1, dtype=torch.int32, device=q.device)
-        n_keys = triton.cdiv(Nk, plan.block_n)
+        pos = walk = torch.zeros(1, dtype=torch.int32, device=q.device)
+        n_keys, rt = triton.cdiv(Nk, plan.block_n), 1
         if plan.mode == COMPRESSED:
             splits = compressed_dkdv_splits(n_tiles, B * Hkv * Nk * (D + v.shape[-1]) * 4)
     split = triton.cdiv(n_tiles, splits)
     dk_, dv_ = dk, dv
     if splits > 1:
         dk_, dv_ = dk.new_empty(splits, *dk.shape), dv.new_empty(splits, *dv.shape)
-    _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, *tables, off, tiles,
-                                         *strides, *sizes, n_tiles, tiles.shape[-1], plan.window, scale, split,
-                                         **meta, NSEL_P2=triton.next_power_of_2(meta["NSEL"]), RT=rt,
-                                         SPLIT=splits > 1, num_stages=1)
+    _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, kend, text, bstart, blen,
+                                         need, kvalid, walk, pos, *strides, *sizes, n_tiles, pos.shape[-1],
+                                         plan.window, scale, split, **meta, RT=rt, SPLIT=splits > 1, **options)
     if splits > 1:  # a fixed-order sum: deterministic
         dk += dk_.sum(0)
         dv += dv_.sum(0)
 
 
-# Selection dk/dv: rows per step of a key block's walk over the query tiles that chose it (several tiles per step,
-# so each round trip to memory carries more work).
-SELECTION_DKDV_ROWS = 64
+# Selection dk/dv: rows per step of a block's walk over the positions that read it (several positions per step, so
+# each round trip to memory carries more work), and the launch options; measured on an H100 at 128K (BENCHMARKS.md,
+# ninth session: 128 rows, 8 warps, 2 stages 17.9 ms per KV head against 39.3 for 64 rows, 4 warps, 1 stage).
+SELECTION_DKDV_ROWS = 128
+SELECTION_DKDV_OPTIONS = dict(num_warps=8, num_stages=2)
 # Compression dk/dv: the few compressed keys are each read by every later query, so one program per key block
 # would walk up to all query tiles alone (the backward's long pole at long context); the walk is split in chunks of
 # at least this many tiles, with at most COMPRESSED_SPLIT_BYTES of fp32 partial sums.
@@ -500,39 +501,60 @@ def compressed_dkdv_splits(n_tiles: int, bytes_per_split: int) -> int:
     return triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
 
 
-def _selection_csr(plan: SegmentPlan, q_shape, Hkv: int, n_tiles: int, BLOCK_T: int):
-    """For every (batch, KV head, selection block): the query tiles whose positions selected it or own it, as CSR
-    (offsets int32 [B, Hkv, Ns+1], tiles int32 [B, Hkv, pairs]); duplicates removed so a tile is visited once."""
-    B, _, Tq, _ = q_shape
-    Tk, Ns = plan.tk, plan.block_start.shape[1]
+def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int):
+    """Who reads each key segment of the selection branch, for `_bwd_dkdv`: per (batch, KV head), the positions that
+    selected or own each selection block, ascending, grouped by block (CSR: pos int32 [B·Hkv, Tq·(n+1)], unused
+    entries at the end), and walk int32 [B·Hkv, Ns + n_txt, 2] = (first, end) per segment: entries first … end−1 of
+    pos for a selection block, positions first … end−1 for text chunk i (segment Ns + i: every position from the
+    chunk's first key on). A position's block ids are distinct, so no (block, position) pair is listed twice."""
+    B, Tk, Ns = plan.need.shape[0], plan.tk, plan.block_start.shape[1]
     dev = plan.need.device
-    need = plan.need.bool()
-    own = plan.own[:, Tk - Tq:].long()  # [B, Tq]
-    ids = torch.cat([plan.selected.long(), own[:, None, :, None].expand(-1, Hkv, -1, -1)], -1)  # [B, Hkv, Tq, n+1]
-    ok = (ids >= 0) & need[:, None, :, None]
-    tile = (torch.arange(Tq, device=dev) // BLOCK_T)[None, None, :, None]
-    key = torch.where(ok, ids * n_tiles + tile, Ns * n_tiles).reshape(B, Hkv, -1).sort(-1).values
-    first = torch.ones_like(key, dtype=torch.bool)
-    first[..., 1:] = key[..., 1:] != key[..., :-1]
-    key = torch.where(first, key, Ns * n_tiles).sort(-1).values  # unique pairs first, in (block, tile) order
-    block = key // n_tiles
-    counts = torch.zeros(B, Hkv, Ns + 1, dtype=torch.long, device=dev)
-    counts.scatter_add_(-1, block, torch.ones_like(block))  # integer adds: exact in any order
-    off = torch.zeros(B, Hkv, Ns + 1, dtype=torch.int32, device=dev)
-    off[..., 1:] = counts[..., :-1].cumsum(-1).to(torch.int32)
-    return off.contiguous(), (key % n_tiles).to(torch.int32).contiguous()
+    own = plan.own[:, Tk - Tq:]
+    ids = torch.cat([plan.selected, own[:, None, :, None].expand(B, Hkv, Tq, 1)], -1)  # [B, Hkv, Tq, n+1]
+    width = ids.shape[-1]
+    ids = torch.where((ids >= 0) & plan.need.bool()[:, None, :, None], ids, Ns).reshape(B * Hkv, -1)
+    block, order = ids.sort(dim=-1, stable=True)  # positions stay ascending within a block
+    pos = (order // width).to(torch.int32).contiguous()
+    bounds = torch.searchsorted(block, torch.arange(Ns + 1, device=dev, dtype=block.dtype).expand(B * Hkv, -1)
+                                .contiguous())
+    lo, hi = bounds[:, :-1], bounds[:, 1:]
+    if plan.text is not None and plan.text.shape[1]:
+        t_lo = (plan.text[..., 0].long() - (Tk - Tq)).clamp(0, Tq)
+        t_hi = torch.where(plan.text[..., 1] > 0, Tq, t_lo)
+        lo = torch.cat([lo, t_lo.repeat_interleave(Hkv, 0)], -1)
+        hi = torch.cat([hi, t_hi.repeat_interleave(Hkv, 0)], -1)
+    return pos, torch.stack([lo, hi], -1).to(torch.int32).contiguous()
+
+
+@triton.jit
+def _axis_indicator(n_dims: tl.constexpr, axis: tl.constexpr):
+    """0, 1 along ``axis`` of an ``n_dims``-dimensional hypercube (size 1 elsewhere)."""
+    return tl.reshape(tl.arange(0, 2), [1] * axis + [2] + [1] * (n_dims - axis - 1))
+
+
+@triton.jit
+def _bitonic_merge(x, R: tl.constexpr, LOG: tl.constexpr):
+    """Sort each row of x [R, 2**LOG], a bitonic sequence, in descending order: compare-and-swap rounds at strides
+    2**(LOG−1) … 1 (Batcher 1968), each a max / min over one axis of the row seen as a [2]·LOG hypercube."""
+    h = tl.reshape(x, [R] + [2] * LOG)
+    for i in tl.static_range(LOG):
+        hi = tl.max(h, axis=1 + i, keep_dims=True)
+        lo = tl.min(h, axis=1 + i, keep_dims=True)
+        h = tl.where(_axis_indicator(1 + LOG, 1 + i) == 0, hi, lo)
+    return tl.reshape(h, [R, 2 ** LOG])
 
 
 @triton.jit
 def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, skh, skt,
           Tq, Tk, Nc, Ns, W, scale,
           G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-          D: tl.constexpr, N: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr):
+          D: tl.constexpr, N: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr, LOG_S: tl.constexpr):
     """Top-N selection blocks per position of a tile. A block's score is Σ over the group's heads and over the
     compression blocks overlapping it of exp(q·k_c·scale − lse) (NSA eqs. 8-10); candidates are the first
     NCAND[position] blocks (those ending before the position's own block). Order: higher score, then lower id,
     exactly as `selection.select_block_ids` (int32 keys: the score's float bits above ID_BITS, the block id
-    below); the running top-N is merged per chunk of BLOCK_S blocks by one bitonic sort of (kept, new) keys."""
+    below); per chunk of BLOCK_S = 2**LOG_S blocks the chunk's keys are sorted and merged into the running top
+    BLOCK_S (one half-cleaner and a bitonic merge: about half the compare-and-swap work of sorting both)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
                                                BLOCK_T, D, 1)
@@ -563,8 +585,9 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
             score += tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_S)), axis=1)
         key = ((tl.maximum(score, 0.0).to(tl.int32, bitcast=True) >> ID_BITS) << ID_BITS) + (low - j)[None, :]
         key = tl.where(j[None, :] < ncand[:, None], key, -1)
-        both = tl.sort(tl.reshape(tl.join(best, key), (BLOCK_T, 2 * BLOCK_S)), dim=1, descending=True)
-        best, _ = tl.split(tl.permute(tl.reshape(both, (BLOCK_T, 2, BLOCK_S)), (0, 2, 1)))
+        # best descending, the chunk ascending: their elementwise max holds the BLOCK_S largest of both, in a
+        # bitonic sequence (Batcher's half-cleaner); a bitonic merge sorts it (log2 BLOCK_S compare-and-swap rounds)
+        best = _bitonic_merge(tl.maximum(best, tl.sort(key, dim=1)), BLOCK_T, LOG_S)
     ids = tl.where(best >= 0, low - (best & low), -1)
     out = OUT + ((b * HKV + hkv).to(tl.int64) * Tq + tr)[:, None] * N + sj[None, :]
     tl.store(out, ids, mask=(tr < Tq)[:, None] & (sj < N)[None, :])
@@ -617,7 +640,8 @@ def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float,
     BLOCK_S = max(16, triton.next_power_of_2(n))
     _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
         q, k_cmp, lse_cmp, kend, geo.first, geo.width, geo.ncand, need, out, *q.stride()[:3], *k_cmp.stride()[:3],
-        Tq, Tk, Nc, Ns, geo.W, scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S, D=D, N=n,
+        Tq, Tk, Nc, Ns, geo.W, scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S,
+        LOG_S=BLOCK_S.bit_length() - 1, D=D, N=n,
         ID_BITS=key_id_bits(Ns), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_stages=1 if q.dtype == torch.float32 else 2)
     return torch.where(need.bool()[:, None, :, None], out, -1)

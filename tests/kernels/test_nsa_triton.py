@@ -113,6 +113,41 @@ def test_gradients_with_keys_of_a_large_common_mean():
         check(g, r, 1e-2, name)
 
 
+def test_selection_walk_lists_every_reader_of_a_key_segment_once():
+    """`_selection_walk`'s lists for the selection branch's dk/dv (`_bwd_dkdv`): every (KV head, selection block,
+    position that selected or owns it) once, every (text chunk, position from its first key on) once; a pair
+    listed twice would count its gradient twice, one left out would lose it."""
+    from nsa_compile.kernels import nsa_triton as nt
+    from nsa_compile.kernels.segment_attention import _selection_walk
+
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES["B2-HQ6-H2-Tq20-Tk90-cache"]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=8)
+    vm = spans(B, Tk, [[(0, 40), (52, 90)], [(30, 80)]])[:, Tk - Tq:]
+    keep = {}
+    nsa_triton_forward(q, k, v, gates, vm, 0.25, l, d, ls, n, w, _keep=keep)
+    plan = nt._prepare(q, k, v, vm, l, d, ls, w)[2]["selection"][0]
+    plan.selected = keep["selected"]
+    Ns, off = plan.block_start.shape[1], Tk - Tq
+    expected = []
+    for b in range(B):
+        for h in range(Hkv):
+            for t in range(Tq):
+                if plan.need[b, t]:
+                    ids = [int(x) for x in plan.selected[b, h, t] if x >= 0] + [int(plan.own[b, off + t])]
+                    expected += [(b * Hkv + h, i, t) for i in ids]
+            for i, (start, length) in enumerate(plan.text[b].tolist()):
+                if length:
+                    expected += [(b * Hkv + h, Ns + i, t) for t in range(max(start - off, 0), Tq)]
+    pos, walk = _selection_walk(plan, Tq, Hkv)
+    got = []
+    for bh in range(B * Hkv):
+        for kid, (first, end) in enumerate(walk[bh].tolist()):
+            ts = pos[bh, first:end].tolist() if kid < Ns else range(first, end)
+            got += [(bh, kid, t) for t in ts]
+    assert any(kid >= Ns for _, kid, _ in expected)  # the case has text chunks
+    assert sorted(got) == sorted(expected)
+
+
 def test_forward_memory_estimate_counts_one_accumulator_chunk():
     """Shape A at 128K: the forward's work memory is the output plus a quarter of the fp32 accumulator (one KV head
     per chunk) and small tables, i.e. within dense attention's output + output (the issue's memory goal)."""
