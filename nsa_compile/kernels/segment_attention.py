@@ -407,15 +407,16 @@ def _launch_common(q, k, v, plan: SegmentPlan, by_position: bool = False):
 
 
 def _launch_options(q, plan: SegmentPlan, bwd: bool = False) -> dict:
-    """Measured on an H100 at 128K (BENCHMARKS.md, eighth session): selection tiles (16 rows reading data-dependent
-    blocks) gain most from two-stage pipelining of their K/V loads, with 4 warps in the forward and 2 in the
-    backward's pass (which keeps more registers per row). That pass keeps two fp32 [rows, D] sums: 8 warps for the
-    128-row tiles of the other modes."""
+    """Measured on an H100 at 128K (BENCHMARKS.md, eighth and ninth sessions): selection tiles (16 rows reading
+    data-dependent blocks) gain most from two-stage pipelining of their K/V loads, with 4 warps in the forward and 2
+    in the backward's pass (which keeps more registers per row). That pass keeps two fp32 [rows, D] sums: 8 warps for
+    the 128-row tiles of the other modes, as for the window's forward (its band is short: 1.4 against 2.5 ms per KV
+    head with 4 warps)."""
     if plan.mode == SELECTION:
         return dict(num_warps=2 if bwd else 4, num_stages=2)
     if bwd:
         return dict(num_warps=8, num_stages=1)
-    return dict(num_warps=4, num_stages=1 if q.dtype == torch.float32 else 2)
+    return dict(num_warps=8 if plan.mode == WINDOW else 4, num_stages=1 if q.dtype == torch.float32 else 2)
 
 
 def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None, dq=None):
