@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 DENSE, WINDOW, COMPRESSED, SELECTION = 0, 1, 2, 3
 
@@ -459,34 +460,49 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     Hkv, Nk = k.shape[1], k.shape[2]
     n_tiles = grid[0]
     splits = 1
-    options = dict(num_warps=4, num_stages=1)
+    configs = ((1, dict(num_warps=4, num_stages=1)),)  # (RT, launch options)
     if plan.mode == SELECTION:
         pos, walk = _selection_walk(plan, Tq, Hkv)
         n_keys = walk.shape[1]
-        rt = max(1, SELECTION_DKDV_ROWS // meta["GP"])
-        options = SELECTION_DKDV_OPTIONS
+        shape = (q.dtype, D, v.shape[-1], plan.block_n, meta["GP"])
+        configs = tuple((max(1, rows // meta["GP"]), opts) for rows, opts in SELECTION_DKDV_CONFIGS)
+        configs = configs[_dkdv_config.get(shape, 0):]
     else:
         pos = walk = torch.zeros(1, dtype=torch.int32, device=q.device)
-        n_keys, rt = triton.cdiv(Nk, plan.block_n), 1
+        n_keys = triton.cdiv(Nk, plan.block_n)
         if plan.mode == COMPRESSED:
             splits = compressed_dkdv_splits(n_tiles, B * Hkv * Nk * (D + v.shape[-1]) * 4)
     split = triton.cdiv(n_tiles, splits)
     dk_, dv_ = dk, dv
     if splits > 1:
         dk_, dv_ = dk.new_empty(splits, *dk.shape), dv.new_empty(splits, *dv.shape)
-    _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, kend, text, bstart, blen,
-                                         need, kvalid, walk, pos, *strides, *sizes, n_tiles, pos.shape[-1],
-                                         plan.window, scale, split, **meta, RT=rt, SPLIT=splits > 1, **options)
+    for i, (rt, options) in enumerate(configs):
+        try:
+            _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, kend, text, bstart,
+                                                 blen, need, kvalid, walk, pos, *strides, *sizes, n_tiles,
+                                                 pos.shape[-1], plan.window, scale, split, **meta, RT=rt,
+                                                 SPLIT=splits > 1, **options)
+        except OutOfResources:  # raised before the launch: nothing was written; the next configuration is smaller
+            if i + 1 == len(configs):
+                raise
+            continue
+        if plan.mode == SELECTION and i:
+            _dkdv_config[shape] = _dkdv_config.get(shape, 0) + i
+        break
     if splits > 1:  # a fixed-order sum: deterministic
         dk += dk_.sum(0)
         dv += dv_.sum(0)
 
 
-# Selection dk/dv: rows per step of a block's walk over the positions that read it (several positions per step, so
-# each round trip to memory carries more work), and the launch options; measured on an H100 at 128K (BENCHMARKS.md,
-# ninth session: 128 rows, 8 warps, 2 stages 17.9 ms per KV head against 39.3 for 64 rows, 4 warps, 1 stage).
-SELECTION_DKDV_ROWS = 128
-SELECTION_DKDV_OPTIONS = dict(num_warps=8, num_stages=2)
+# Selection dk/dv, fastest first: rows per step of a block's walk over the positions that read it (several
+# positions per step, so each round trip to memory carries more work) and launch options. Measured on an H100 at
+# 128K (BENCHMARKS.md, ninth session): 128 rows, 8 warps, 2 stages 17.9 ms per KV head against 39.3 for 64 rows,
+# 4 warps, 1 stage. Large head dims and selection blocks do not fit 128 rows in shared memory (bf16, head dim 256,
+# blocks of 128: 288 KiB, the H100 has 227): the first configuration that fits is used, and remembered per shape
+# (dtype, head dims, block, group) in _dkdv_config.
+SELECTION_DKDV_CONFIGS = ((128, dict(num_warps=8, num_stages=2)), (64, dict(num_warps=4, num_stages=1)),
+                          (32, dict(num_warps=4, num_stages=1)), (16, dict(num_warps=4, num_stages=1)))
+_dkdv_config: dict = {}
 # Compression dk/dv: the few compressed keys are each read by every later query, so one program per key block
 # would walk up to all query tiles alone (the backward's long pole at long context); the walk is split in chunks of
 # at least this many tiles, with at most COMPRESSED_SPLIT_BYTES of fp32 partial sums.

@@ -148,6 +148,38 @@ def test_selection_walk_lists_every_reader_of_a_key_segment_once():
     assert sorted(got) == sorted(expected)
 
 
+def test_selection_dkdv_falls_back_to_smaller_tiles_beyond_shared_memory(monkeypatch):
+    """A selection dk/dv configuration that does not fit the GPU's shared memory (Triton raises OutOfResources
+    before launching, e.g. bf16 at head dim 256 with blocks of 128 on an H100) gives way to the next, smaller one,
+    remembered for the shape; the gradients stay exact."""
+    from triton.runtime.errors import OutOfResources
+
+    from nsa_compile.kernels import segment_attention as sa
+
+    real = sa._bwd_dkdv
+    tried = []
+
+    class TooBigFirst:  # the first (128-row) configuration "needs" more shared memory than the device has
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append((kwargs["MODE"], kwargs["RT"]))
+                if kwargs["MODE"] == sa.SELECTION and kwargs["num_warps"] == 8:
+                    raise OutOfResources(294912, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sa, "_bwd_dkdv", TooBigFirst())
+    monkeypatch.setattr(sa, "_dkdv_config", {})
+    _, _, grads, ref_grads = run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=6)
+    for name, g, r in zip("qkvg", grads, ref_grads):
+        check(g, r, 1e-5, name)
+    rows = [rt * 8 for mode, rt in tried if mode == sa.SELECTION]
+    assert rows == [128, 64] and list(sa._dkdv_config.values()) == [1]
+    tried.clear()
+    run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=6)  # the same shape: straight to the configuration that fit
+    assert [rt * 8 for mode, rt in tried if mode == sa.SELECTION] == [64]
+
+
 def test_forward_memory_estimate_counts_one_accumulator_chunk():
     """Shape A at 128K: the forward's work memory is the output plus a quarter of the fp32 accumulator (one KV head
     per chunk) and small tables, i.e. within dense attention's output + output (the issue's memory goal)."""
