@@ -179,7 +179,7 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     fp32 accumulator over one chunk of KV heads (`kv_head_chunks`), the backward's fp32 dq, dk, dv, the selection's
     position lists (`segment_attention._selection_walk`) or the compression's partial dk/dv
     (`segment_attention.compressed_dkdv_splits`), the top-n ids, softmax statistics and layout tables. An upper
-    bound within a few percent; the README's "Memory" table lists it for Qwen2.5-VL-7B's attention."""
+    bound within a few percent (`_check_memory` compares it with the GPU's free memory before any kernel runs)."""
     Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
     pad = (B * Hq * Tq * Dp + B * Hkv * Tk * Dp) * itemsize * (Dp != D) + B * Hkv * Tk * Dvp * itemsize * (Dvp != Dv)
     rows = B * Hq * Tq * 4 * 4  # lse, rowdot, delta, gates (fp32)
