@@ -130,7 +130,7 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
 
 
 @triton.jit
-def _fwd(Q, K, V, ACC, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, SEL, OWN, BSTART, BLEN, NEED, KVALID,
+def _fwd(Q, K, V, ACC, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
          Tq, Tk, Nk, Ns, n_txt, window, scale,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -379,14 +379,15 @@ class SegmentPlan:
     topn: TopnGeometry | None = None
 
     def tables(self, device):
-        """The kernels' table arguments (a 1-element dummy for each table the mode lacks), Ns, n_txt and n."""
+        """The kernels' table arguments by name (a 1-element dummy for each table the mode lacks), Ns, n_txt and
+        n."""
         z = torch.zeros(1, dtype=torch.int32, device=device)
         pick = lambda x: z if x is None else x  # noqa: E731
         n_txt = 0 if self.text is None else self.text.shape[1]
         Ns = 0 if self.block_start is None else self.block_start.shape[1]
         nsel = 1 if self.selected is None else self.selected.shape[-1]
-        return ((pick(self.kend), pick(self.text), pick(self.segments), pick(self.selected), pick(self.own),
-                 pick(self.block_start), pick(self.block_len), self.need, pick(self.key_valid)), Ns, n_txt, nsel)
+        names = ("kend", "text", "segments", "block_start", "block_len", "need", "key_valid")
+        return {name: pick(getattr(self, name)) for name in names}, Ns, n_txt, nsel
 
 
 def _launch_common(q, k, v, plan: SegmentPlan, by_position: bool = False):
@@ -444,7 +445,8 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
         last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
         cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
     _fwd[grid](q, k, v, z if bwd else acc, lse, rowd if bwd else z, grad_out if bwd else z, dq if bwd else z, gates,
-               tables[0], cmp_n, *tables[1:], *strides, *sizes, plan.window, scale, **meta, BWD=bwd,
+               tables["kend"], cmp_n, tables["text"], tables["segments"], tables["need"], tables["key_valid"],
+               *strides, *sizes, plan.window, scale, **meta, BWD=bwd,
                **_launch_options(q, plan, bwd))
     return lse, rowd
 
@@ -455,7 +457,6 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     of ``Σ gate·o``. ``lse`` from that pass and ``delta`` = ``Σ_d (gate·dO)·o`` per row (fp32 [B, Hq, Tq]);
     ``grad_out`` contiguous [B, Hq, Tq, Dv]."""
     tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan, by_position=True)
-    kend, text, _, _, _, bstart, blen, need, kvalid = tables
     B, Hq, Tq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     n_tiles = grid[0]
@@ -478,9 +479,10 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
         dk_, dv_ = dk.new_empty(splits, *dk.shape), dv.new_empty(splits, *dv.shape)
     for i, (rt, options) in enumerate(configs):
         try:
-            _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, kend, text, bstart,
-                                                 blen, need, kvalid, walk, pos, *strides, *sizes, n_tiles,
-                                                 pos.shape[-1], plan.window, scale, split, **meta, RT=rt,
+            _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, tables["kend"],
+                                                 tables["text"], tables["block_start"], tables["block_len"],
+                                                 tables["need"], tables["key_valid"], walk, pos, *strides, *sizes,
+                                                 n_tiles, pos.shape[-1], plan.window, scale, split, **meta, RT=rt,
                                                  SPLIT=splits > 1, **options)
         except OutOfResources:  # raised before the launch: nothing was written; the next configuration is smaller
             if i + 1 == len(configs):
