@@ -236,20 +236,27 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
                                          window_size, key_valid)
     step = Hkv // kv_head_chunks(B, Hkv, G, Tq, v.shape[-1])
+    # Text rows have one branch (dense): it writes them to ``out``. Video rows: the compression branch sets their
+    # accumulator (no zeroing), selection adds, and the last of them (window, or selection without it) writes the
+    # sum to ``out``.
+    last = "window" if "window" in branches else "selection"
     selected = []
     for h0 in range(0, Hkv, step):  # KV heads h0 … h0+step−1 and their query heads
         hq = slice(h0 * G, (h0 + step) * G)
         qc, g = q[:, hq], gates[:, hq].float().contiguous()
-        acc = torch.zeros(B, step * G, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
+        acc = None
+        if "compression" in branches:
+            acc = torch.empty(B, step * G, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
         for name in ORDER:
             if name in branches:
                 plan, kk, vv = branches[name]
                 kc, vc = kk[:, h0:h0 + step], vv[:, h0:h0 + step]
-                lse, _ = segment_attention_fwd(qc, kc, vc, scale, plan, g, acc=acc)
+                lse, _ = segment_attention_fwd(qc, kc, vc, scale, plan, g, acc=acc,
+                                               first=name in ("dense", "compression"),
+                                               out=out[:, hq] if name in ("dense", last) else None)
                 if name == "compression":
                     _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
                     selected.append(branches["selection"][0].selected)
-        out[:, hq] = acc[..., :Dv]
         del acc
     if _keep is not None:
         _keep.update(layout=layout, video_q=video_q, selected=torch.cat(selected, 1) if selected else None)

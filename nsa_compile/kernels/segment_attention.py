@@ -130,16 +130,18 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
 
 
 @triton.jit
-def _fwd(Q, K, V, ACC, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
-         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-         Tq, Tk, Nk, Ns, n_txt, window, scale,
+def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
+         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
+         Tq, Tk, Nk, Ns, n_txt, window, scale, dv_out,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr):
+         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr, ACC_IN: tl.constexpr,
+         TO_OUT: tl.constexpr):
     """Online-softmax pass of one tile over its key segments; LSE[row] = log-sum-exp (+inf for a row that sees
     nothing: its o is 0). Rows not needed are left untouched.
 
-    BWD=False (forward): ACC[row] += gate·o. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and DQ[row] +=
+    BWD=False (forward): the row's gate·o, plus ACC[row] when ACC_IN, goes to ACC[row] (fp32), or with TO_OUT to
+    OUT (strides sob, soh, sot; its first dv_out columns, in its dtype). BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and DQ[row] +=
     the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta = gate·rowd,
     the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j = scale · gate · (Σ_j P_j (dp_j − c) k_j
     + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated online (rescaled with the running max like o)
@@ -210,8 +212,15 @@ def _fwd(Q, K, V, ACC, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
         out = acc / l_safe[:, None]
         if GI >= 0:
             out = out * gate[:, None]
-        prev = tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
-        tl.store(ACC + o_ptr, prev + out, mask=valid[:, None])
+        if ACC_IN:
+            out += tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
+        if TO_OUT:
+            h = hkv * G + tl.arange(0, BLOCK_T * GP) % GP
+            out_ptr = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
+            tl.store(out_ptr[:, None] + dv[None, :], out.to(OUT.dtype.element_ty),
+                     mask=valid[:, None] & (dv < dv_out)[None, :])
+        else:
+            tl.store(ACC + o_ptr, out, mask=valid[:, None])
 
 
 @triton.jit
@@ -421,13 +430,17 @@ def _launch_options(q, plan: SegmentPlan, bwd: bool = False) -> dict:
     return dict(num_warps=8 if plan.mode == WINDOW else 4, num_stages=1 if q.dtype == torch.float32 else 2)
 
 
-def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None, dq=None):
+def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None, dq=None,
+                          first: bool = False, out=None):
     """One branch's forward, or the backward's pass over the same keys.
 
     Args:
         q [B, Hq, Tq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv] (Nk = Tk, or the compressed count in COMPRESSED
         mode), fp16 / bf16 / fp32; gates: fp32 contiguous [B, Hq, Tq, 3];
         acc: fp32 contiguous [B, Hq, Tq, Dv]: the needed rows get ``+= gate·o`` (or ``+= o`` without a gate);
+        ``first``: they get ``= gate·o`` (the first branch of those rows: ``acc`` needs no zeroing; no ``acc``
+        is needed with ``first`` and ``out``); out: [B, Hq, Tq, Dv'] (Dv' ≤ Dv, last stride 1): the last branch
+        of the needed rows writes their sum there, in out's dtype, instead of into ``acc``;
         grad_out, dq: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
         needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned.
     Returns:
@@ -444,9 +457,12 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
         last = (torch.arange(1, grid[0] + 1, device=q.device, dtype=torch.int32) * meta["BLOCK_T"]).clamp(max=Tq)
         last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
         cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
-    _fwd[grid](q, k, v, z if bwd else acc, lse, rowd if bwd else z, grad_out if bwd else z, dq if bwd else z, gates,
-               tables["kend"], cmp_n, tables["text"], tables["segments"], tables["need"], tables["key_valid"],
-               *strides, *sizes, plan.window, scale, **meta, BWD=bwd,
+    to_out = out is not None and not bwd
+    _fwd[grid](q, k, v, z if acc is None or bwd else acc, out if to_out else z, lse, rowd if bwd else z,
+               grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
+               tables["segments"], tables["need"], tables["key_valid"], *strides,
+               *(out.stride()[:3] if to_out else (0, 0, 0)), *sizes, plan.window, scale,
+               out.shape[-1] if to_out else 0, **meta, BWD=bwd, ACC_IN=not first, TO_OUT=to_out,
                **_launch_options(q, plan, bwd))
     return lse, rowd
 
@@ -657,10 +673,12 @@ def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float,
     out = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32, device=q.device)
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, halve=D > 128)  # head dim 256 within the H100's shared memory
     BLOCK_S = max(16, triton.next_power_of_2(n))
+    # 8 warps for groups of ≤ 8 (shape A at 128K: 5.45 against 6.16 ms per KV head), 4 for 16 (B: 5.52 against
+    # 6.31); H100, BENCHMARKS.md tenth session. The ids agree with the reference's up to near ties either way.
     _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
         q, k_cmp, lse_cmp, kend, geo.first, geo.width, geo.ncand, need, out, *q.stride()[:3], *k_cmp.stride()[:3],
         Tq, Tk, Nc, Ns, geo.W, scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S,
         LOG_S=BLOCK_S.bit_length() - 1, D=D, N=n,
         ID_BITS=key_id_bits(Ns), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_stages=1 if q.dtype == torch.float32 else 2)
+        num_warps=8 if GP <= 8 else 4, num_stages=1 if q.dtype == torch.float32 else 2)
     return torch.where(need.bool()[:, None, :, None], out, -1)
