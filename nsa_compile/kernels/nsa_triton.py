@@ -4,7 +4,8 @@ every attention computed by the kernels of `segment_attention`.
 Forward: dense attention for text queries (mode DENSE); for video queries the compression branch (mode COMPRESSED
 over mean-pooled keys, giving the log-sum-exp), the top-n blocks of every position (`select_topn`, from that
 log-sum-exp, in registers), the selection branch (mode SELECTION) and the sliding window (mode WINDOW). Each launch
-adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept. Backward, branch by
+adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept: a row's first branch
+sets it, its last writes the sum to the output. Backward, branch by
 branch: one pass over the forward's keys recomputes the softmax statistics and the per-row ``Σ dO·o_branch`` (the
 gate gradient) and accumulates dq; a second pass, per key block, accumulates dk and dv. No atomics, so forward and
 backward are bitwise reproducible. Head dims that are not a power of two (80, 96, …) are zero-padded to the next
