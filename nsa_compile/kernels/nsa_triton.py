@@ -161,6 +161,15 @@ def _pad_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Ten
     return q, k, v
 
 
+# Tests set this: the forward's output and accumulator start as NaN, so an element that no branch wrote fails.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    out = torch.empty(*shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
 # The forward's fp32 accumulator is allocated per chunk of KV heads (with their GQA groups) of at most this many
 # bytes, so its peak stays near the output's size at long context; below it, one chunk (fewer, fuller launches).
 ACC_CHUNK_BYTES = 256 << 20
@@ -229,7 +238,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     """
     _check_memory(q, k, v, top_n, selection_block_size, backward=False)
     Dv = v.shape[-1]
-    out = torch.empty(*q.shape[:3], Dv, dtype=q.dtype, device=q.device)
+    out = _empty(*q.shape[:3], Dv, dtype=q.dtype, device=q.device)
     q, k, v = _pad_head_dims(q, k, v)
     B, Hq, Tq, _ = q.shape
     Hkv = k.shape[1]
@@ -247,7 +256,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
         qc, g = q[:, hq], gates[:, hq].float().contiguous()
         acc = None
         if "compression" in branches:
-            acc = torch.empty(B, step * G, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
+            acc = _empty(B, step * G, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
         for name in ORDER:
             if name in branches:
                 plan, kk, vv = branches[name]

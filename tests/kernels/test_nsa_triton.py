@@ -69,6 +69,23 @@ def test_triton_interpreter_against_reference(case, dtype, tol):
         check(g, r, tol, name)
 
 
+@pytest.mark.parametrize("case", list(CASES))
+def test_forward_writes_every_output_element(case, monkeypatch):
+    """The forward's output and fp32 accumulator are not zeroed: a row's first branch sets the accumulator and its
+    last writes the output (text rows: dense; video rows: compression first, window or selection last). With both
+    started as NaN, any element left unwritten fails the comparison with the reference."""
+    from nsa_compile.kernels import nsa_triton as nt
+
+    monkeypatch.setattr(nt, "POISON_OUTPUTS", True)
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=5)
+    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    out = nsa_triton_forward(q, k, v, gates, vm, *params)
+    ref = nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None, *params)
+    assert not out.isnan().any() and rel(out.double(), ref) <= 1e-5
+
+
 @pytest.mark.parametrize("case", ["B1-HQ4-H4-T56-group1-text-gaps", "B2-HQ6-H2-Tq20-Tk90-cache"])
 def test_forward_in_kv_head_chunks_equals_one_chunk(case, monkeypatch):
     """At long context the forward runs per chunk of KV heads (its fp32 accumulator bounded by ACC_CHUNK_BYTES):
