@@ -428,9 +428,10 @@ def _launch_options(q, plan: SegmentPlan, bwd: bool, gp: int) -> dict:
     against 8.2 ms per KV head for shape B, 4.0 against 4.2 for A)."""
     if plan.mode == SELECTION:
         return dict(num_warps=2 if bwd else 4, num_stages=2)
+    deep = q.dtype != torch.float32 and q.shape[-1] <= 128  # K/V tiles small enough for more pipeline stages
     if bwd:
-        return dict(num_warps=8, num_stages=2 if q.dtype != torch.float32 and q.shape[-1] <= 128 else 1)
-    if plan.mode == COMPRESSED and gp >= 16 and q.dtype != torch.float32 and q.shape[-1] <= 128:
+        return dict(num_warps=8, num_stages=2 if deep else 1)
+    if plan.mode == COMPRESSED and gp >= 16 and deep:
         return dict(num_warps=8, num_stages=3)  # 16-head groups (shape B): 4.8 against 5.2 ms per KV head
     return dict(num_warps=8 if plan.mode == WINDOW else 4, num_stages=1 if q.dtype == torch.float32 else 2)
 
