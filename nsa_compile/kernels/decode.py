@@ -879,7 +879,9 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         tiles_per_split = -(-n_tiles // S1)
         S1 = -(-n_tiles // tiles_per_split)
         items = n_sel * NCH + -(-window_size // BLOCK_N) + NT + -(-(Tk - state.anchor) // BLOCK_N) + 1
-        S2 = split_attn or max(1, min(64, -(-items // 2), -(-2 * target // rows)))
+        # one work item per attention program where there are at most 32 (more splits make the combine kernel's
+        # one-warp merge tiles spill)
+        S2 = split_attn or max(1, min(32, items, -(-2 * target // rows)))
         # logits; compression partials (m, l, o); selection and window partials; compression log-sum-exp per row
         # and head; chosen block ids (int32)
         S, M1, L1, O1, M2, L2, O2, LSE, SEL = _scratch((
