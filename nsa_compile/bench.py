@@ -271,7 +271,7 @@ def run_length(mode: Mode, T: int, hidden: int, dtype, steps: int, repeat: int, 
         else:
             row.update(res)
             log(f"{mode.name} T={T}: attention at decode {res}")
-    del cache
+    cache = None  # free the KV cache (not `del`: the lambdas above refer to it)
     _free(mode.device)
     if profile:
         log(f"{mode.name} T={T}: profiled prefill\n{profile_prefill(mode, emb, mask)}")
