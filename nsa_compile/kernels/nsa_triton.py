@@ -149,6 +149,16 @@ def _select(q: Tensor, k_cmp: Tensor, lse: Tensor, kend: Tensor, layout: VideoLa
     plan.segments = torch.stack([start, torch.where(ok, length, 0)], -1).to(torch.int32).contiguous()
 
 
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per device for the forward's dense (text-row) launch."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
+
+
 def _pad_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Zero-pad D and Dv to powers of two (tl.arange needs them); q·k and the outputs' first Dv columns are
     unchanged."""
@@ -246,9 +256,23 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
                                          window_size, key_valid)
     step = Hkv // kv_head_chunks(B, Hkv, G, Tq, v.shape[-1])
-    # Text rows have one branch (dense): it writes them to ``out``. Video rows: the compression branch sets their
-    # accumulator (no zeroing), selection adds, and the last of them (window, or selection without it) writes the
-    # sum to ``out``.
+    # Text rows have one branch (dense): it writes them to ``out``, for all heads in one launch. On CUDA that launch
+    # runs on a side stream beside the video rows' launches (which write other rows): a prompt after a long video
+    # has few rows, each reading every key, so its programs are few and long (after 128K keys: ~7 ms per chunk of
+    # KV heads with the GPU otherwise idle; BENCHMARKS.md, eleventh session).
+    side = None
+    if "dense" in branches:
+        plan, kk, vv = branches.pop("dense")
+        if q.is_cuda and branches:
+            main = torch.cuda.current_stream(q.device)
+            side = _side_stream(q.device)
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                segment_attention_fwd(q, kk, vv, scale, plan, gates, first=True, out=out)
+        else:
+            segment_attention_fwd(q, kk, vv, scale, plan, gates, first=True, out=out)
+    # Video rows: the compression branch sets their accumulator (no zeroing), selection adds, and the last of them
+    # (window, or selection without it) writes the sum to ``out``.
     last = "window" if "window" in branches else "selection"
     selected = []
     for h0 in range(0, Hkv, step):  # KV heads h0 … h0+step−1 and their query heads
@@ -261,13 +285,14 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
             if name in branches:
                 plan, kk, vv = branches[name]
                 kc, vc = kk[:, h0:h0 + step], vv[:, h0:h0 + step]
-                lse, _ = segment_attention_fwd(qc, kc, vc, scale, plan, g, acc=acc,
-                                               first=name in ("dense", "compression"),
-                                               out=out[:, hq] if name in ("dense", last) else None)
+                lse, _ = segment_attention_fwd(qc, kc, vc, scale, plan, g, acc=acc, first=name == "compression",
+                                               out=out[:, hq] if name == last else None)
                 if name == "compression":
                     _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
                     selected.append(branches["selection"][0].selected)
         del acc
+    if side is not None:
+        main.wait_stream(side)  # q, k, v and the tables stay referenced (by the caller, the mask cache) until here
     if _keep is not None:
         _keep.update(layout=layout, video_q=video_q, selected=torch.cat(selected, 1) if selected else None)
     return out
