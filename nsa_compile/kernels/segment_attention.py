@@ -130,7 +130,10 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
     return m & c_ok[None, :]
 
 
-@triton.jit
+# n_txt is not specialised: Triton's specialisation of an integer argument equal to 1 (one chunk of text keys, e.g.
+# a prompt's first tokens before a video) made the selection branch ~13 % slower on an H100 at 128K (23.1 against
+# 20.5 ms per KV head; BENCHMARKS.md, eleventh session).
+@triton.jit(do_not_specialize=["n_txt"])
 def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
          Tq, Tk, Nk, Ns, n_txt, window, scale, dv_out,
