@@ -238,8 +238,9 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
     fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
     An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
-    `nsa.key_padding`); other masks need the reference. The branches run per chunk of KV heads
-    (`kv_head_chunks`), so the fp32 accumulator of the gated sum never holds all heads at long context.
+    `nsa.key_padding`); other masks need the reference. The video rows' branches run per chunk of KV heads
+    (`kv_head_chunks`), so the fp32 accumulator of the gated sum never holds all heads at long context; the text
+    rows' dense branch runs once, on CUDA on a side stream beside them (joined before the return).
     ``_keep`` (tests) receives the layout, the video-query flags and ``selected``, the top-n block ids
     int32 [B, Hkv, Tq, n].
 
