@@ -14,6 +14,7 @@ one: scores and outputs are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -268,9 +269,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
             main = torch.cuda.current_stream(q.device)
             side = _side_stream(q.device)
             side.wait_stream(main)
-            with torch.cuda.stream(side):
-                segment_attention_fwd(q, kk, vv, scale, plan, gates, first=True, out=out)
-        else:
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             segment_attention_fwd(q, kk, vv, scale, plan, gates, first=True, out=out)
     # Video rows: the compression branch sets their accumulator (no zeroing), selection adds, and the last of them
     # (window, or selection without it) writes the sum to ``out``.
