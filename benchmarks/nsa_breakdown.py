@@ -15,7 +15,8 @@ from nsa_compile.kernels import nsa_triton as nt
 
 from attention import SHAPES  # benchmarks/attention.py (the script's folder is on sys.path)
 
-STAGES = ("segment_attention_fwd", "segment_attention_bwd", "select_topn", "compress_kv", "_unpool", "_prepare")
+STAGES = ("segment_attention_fwd", "selection_fwd", "segment_attention_bwd", "select_topn", "compress_kv", "_unpool",
+          "_prepare")
 MODES = {0: "dense", 1: "window", 2: "compression", 3: "selection"}
 
 

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
-from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, WINDOW, SegmentPlan,
-                                TopnGeometry, segment_attention_bwd, segment_attention_fwd, select_topn,
-                                topn_geometry)
+from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
+                                WINDOW, SegmentPlan, TopnGeometry, segment_attention_bwd, segment_attention_fwd,
+                                select_topn, selection_fwd, topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 
@@ -133,10 +133,13 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
 
 
 def _select(q: Tensor, k_cmp: Tensor, lse: Tensor, kend: Tensor, layout: VideoLayout, plan: SegmentPlan,
-            top_n: int, scale: float) -> None:
-    """Fill the selection plan: top-n block ids (`select_topn`) and the (start, length) of each position's n blocks
-    and own block, the segments the selection kernel reads."""
+            top_n: int, scale: float, segments: bool = True) -> None:
+    """Fill the selection plan: top-n block ids (`select_topn`) and, with ``segments``, the (start, length) of each
+    position's n blocks and own block, the segments the backward's query-tile pass reads."""
     sel = select_topn(q, k_cmp, lse, kend, layout, plan.need, top_n, scale, plan.topn)  # [B, Hkv, Tq, n]
+    plan.selected = sel
+    if not segments:
+        return
     sel = sel.sort(-1).values  # blocks in key order: neighbouring loads of a program are near in memory
     B, Hkv, Tq, n = sel.shape
     own = plan.own[:, plan.tk - Tq:].long()
@@ -146,7 +149,6 @@ def _select(q: Tensor, k_cmp: Tensor, lse: Tensor, kend: Tensor, layout: VideoLa
     Ns = plan.block_start.shape[1]
     start = plan.block_start[:, None, :].expand(B, Hkv, Ns).gather(2, idx).reshape(ids.shape)
     length = plan.block_len[:, None, :].expand(B, Hkv, Ns).gather(2, idx).reshape(ids.shape)
-    plan.selected = sel
     plan.segments = torch.stack([start, torch.where(ok, length, 0)], -1).to(torch.int32).contiguous()
 
 
@@ -181,6 +183,13 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+# The forward's selection branch runs by key segment (`segment_attention.selection_fwd`) for GQA groups up to this
+# size, by query tile above it. Its cost grows with the rows that read each segment (top-n × the group rounded up to
+# a power of two) and the query tile's with the blocks each position reads (top-n), the group sharing every load:
+# on an H100 at 128K, group 7 (shape A) 69 against 80 ms per forward, group 16 (shape B) 86 against 44
+# (BENCHMARKS.md, twelfth session).
+SELECTION_BY_KEY_MAX_GROUP = 8
+
 # The forward's fp32 accumulator is allocated per chunk of KV heads (with their GQA groups) of at most this many
 # bytes, so its peak stays near the output's size at long context; below it, one chunk (fewer, fuller launches).
 ACC_CHUNK_BYTES = 256 << 20
@@ -197,8 +206,10 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
                     backward: bool, itemsize: int = 2) -> int:
     """Bytes the Triton path allocates beyond its inputs (and, for the backward, beyond the output gradient) at its
     peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and its
-    fp32 accumulator over one chunk of KV heads (`kv_head_chunks`), the backward's fp32 dq, dk, dv, the selection's
-    position lists (`segment_attention._selection_walk`) or the compression's partial dk/dv
+    fp32 accumulator over one chunk of KV heads (`kv_head_chunks`) and, for groups up to `SELECTION_BY_KEY_MAX_GROUP`,
+    the selection's position lists and per-segment outputs (`segment_attention.selection_fwd`, at most
+    `SELECTION_PARTIAL_BYTES`), the backward's fp32 dq, dk, dv, the selection's position lists
+    (`segment_attention._selection_walk`) or the compression's partial dk/dv
     (`segment_attention.compressed_dkdv_splits`), the top-n ids, softmax statistics and layout tables. An upper
     bound within a few percent (`_check_memory` compares it with the GPU's free memory before any kernel runs)."""
     Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
@@ -207,9 +218,15 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     sel = B * Hkv * Tq * top_n * 4
     layout = B * Tk * 8 * 12
     if not backward:
-        acc = B * Hq * Tq * Dvp * 4 // kv_head_chunks(B, Hkv, Hq // Hkv, Tq, Dv)
+        G, chunks = Hq // Hkv, kv_head_chunks(B, Hkv, Hq // Hkv, Tq, Dv)
+        acc = B * Hq * Tq * Dvp * 4 // chunks
         out = B * Hq * Tq * Dv * itemsize
-        return pad + out + acc + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32
+        by_key = 0
+        if G <= SELECTION_BY_KEY_MAX_GROUP:  # one chunk of KV heads: entries sorted (ids, keys, int64 order), kept
+            entries = B * (Hkv // chunks) * Tq * (top_n + 1)
+            partial = min(SELECTION_PARTIAL_BYTES, entries * G * (Dvp * itemsize + 4))
+            by_key = max(entries * 20, entries * 8 + partial)
+        return pad + out + acc + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32 + by_key
     csr = B * Hkv * Tq * (top_n + 1) * 5 * 4  # the selection's position lists: ids, sorted ids, order (int64), pos
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
@@ -258,6 +275,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
                                          window_size, key_valid)
     step = Hkv // kv_head_chunks(B, Hkv, G, Tq, v.shape[-1])
+    by_key = G <= SELECTION_BY_KEY_MAX_GROUP
     # Text rows have one branch (dense): it writes them to ``out``, for all heads in one launch. On CUDA that launch
     # runs on a side stream beside the video rows' launches (which write other rows): a prompt after a long video
     # has few rows, each reading every key, so its programs are few and long (after 128K keys: ~7 ms per chunk of
@@ -285,11 +303,14 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
             if name in branches:
                 plan, kk, vv = branches[name]
                 kc, vc = kk[:, h0:h0 + step], vv[:, h0:h0 + step]
-                lse, _ = segment_attention_fwd(qc, kc, vc, scale, plan, g, acc=acc, first=name == "compression",
-                                               out=out[:, hq] if name == last else None)
+                run = selection_fwd if name == "selection" and by_key else segment_attention_fwd
+                lse = run(qc, kc, vc, scale, plan, g, acc=acc, first=name == "compression",
+                          out=out[:, hq] if name == last else None)[0]
                 if name == "compression":
-                    _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
-                    selected.append(branches["selection"][0].selected)
+                    _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale,
+                            segments=not by_key)
+                    if _keep is not None:
+                        selected.append(branches["selection"][0].selected)
         del acc
     if side is not None:
         main.wait_stream(side)  # q, k, v and the tables stay referenced (by the caller, the mask cache) until here

@@ -214,18 +214,28 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         dq_ptr = DQ + row[:, None] * D + d[None, :]
         tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
     else:
-        out = acc / l_safe[:, None]
-        if GI >= 0:
-            out = out * gate[:, None]
-        if ACC_IN:
-            out += tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
-        if TO_OUT:
-            h = hkv * G + tl.arange(0, BLOCK_T * GP) % GP
-            out_ptr = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
-            tl.store(out_ptr[:, None] + dv[None, :], out.to(OUT.dtype.element_ty),
-                     mask=valid[:, None] & (dv < dv_out)[None, :])
-        else:
-            tl.store(ACC + o_ptr, out, mask=valid[:, None])
+        _write_rows(acc / l_safe[:, None], gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP,
+                    BLOCK_T, DV, GI, ACC_IN, TO_OUT)
+
+
+@triton.jit
+def _write_rows(o, gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_out, G: tl.constexpr,
+                GP: tl.constexpr, BLOCK_T: tl.constexpr, DV: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
+                TO_OUT: tl.constexpr):
+    """A branch's rows o [rows, DV] (fp32) into the gated sum: gate·o (+ ACC[row] when ACC_IN) to ACC, or with
+    TO_OUT to OUT in its dtype (its first dv_out columns)."""
+    dv = tl.arange(0, DV)
+    if GI >= 0:
+        o = o * gate[:, None]
+    if ACC_IN:
+        o += tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
+    if TO_OUT:
+        h = hkv * G + tl.arange(0, BLOCK_T * GP) % GP
+        out_ptr = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
+        tl.store(out_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty),
+                 mask=valid[:, None] & (dv < dv_out)[None, :])
+    else:
+        tl.store(ACC + o_ptr, o, mask=valid[:, None])
 
 
 @triton.jit
@@ -333,6 +343,124 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         dvv += tl.load(pv, mask=c_ok[:, None], other=0.0)
     tl.store(pk, dk, mask=c_ok[:, None])
     tl.store(pv, dvv, mask=c_ok[:, None])
+
+
+@triton.jit
+def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KVALID,
+                        sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                        Tq, Tk, Ns, n_txt, n_list, t0, P, scale,
+                        G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, RT: tl.constexpr,
+                        BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr,
+                        NSLOT: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """The selection branch's forward by key segment (program kid, bh) for positions t0 … t0+P−1: the segment's
+    K/V tile is loaded once and every (position, head) row that reads it gets the softmax of its scores over this
+    segment alone, ``RT`` positions per step: LP = its log-sum-exp (fp32; −inf when it sees no key), OP = the
+    normalised output (OP's dtype), at [bh, t − t0, slot, g] with slot the segment's rank among the position's
+    (``s`` < NSEL+1: its top-n ids and own block; NSEL+1+i: text chunk i). `_selection_combine` merges a position's
+    slots. Readers: for selection block kid < Ns entries WALK[bh, kid] = (first, end) of LIST[bh], each
+    t·(NSEL+1) + s; for text chunk kid − Ns the positions first … end−1."""
+    kid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    walk = WALK + (bh.to(tl.int64) * (Ns + n_txt) + kid) * 2
+    e_lo = tl.load(walk)
+    e_hi = tl.load(walk + 1)
+    if e_lo >= e_hi:
+        return
+    if kid < Ns:
+        start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
+        length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
+    else:
+        start = tl.load(TXT + (b * n_txt + kid - Ns) * 2).to(tl.int64)
+        length = tl.load(TXT + (b * n_txt + kid - Ns) * 2 + 1)
+    n = tl.arange(0, BLOCK_N)
+    c = start + n
+    c_ok = (n < length) & (c < Tk)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + c[:, None] * skt + d[None, :],
+                mask=c_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + dv[None, :],
+                mask=c_ok[:, None], other=0.0)
+    if HAS_KMASK:
+        c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
+    r = tl.arange(0, RT * GP)
+    g = r % GP
+    h = hkv * G + g
+    for i in range(e_lo, e_hi, RT):
+        e = i + r // GP
+        ok = (e < e_hi) & (g < G)
+        if kid < Ns:  # listed positions need the branch (`_selection_lists` leaves the others out)
+            f = tl.load(LIST + bh.to(tl.int64) * n_list + e, mask=ok, other=0)
+            t = f // (NSEL + 1)
+            slot = f % (NSEL + 1)
+        else:
+            t = e
+            slot = e * 0 + (NSEL + 1 + kid - Ns)
+            ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
+        q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
+        q = tl.load(q_ptr[:, None] + d[None, :], mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = (c[None, :] <= (Tk - Tq + t)[:, None]) & c_ok[None, :] & ok[:, None]
+        s = tl.where(vis, s, float("-inf"))
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        ex = tl.exp(s - m_safe[:, None])
+        l = tl.sum(ex, axis=1)
+        l_safe = tl.where(l == 0.0, 1.0, l)
+        o = tl.dot(ex.to(v.dtype), v, input_precision=PRECISION) / l_safe[:, None]
+        idx = ((bh.to(tl.int64) * P + (t - t0)) * NSLOT + slot) * G + g
+        tl.store(LP + idx, tl.where(l == 0.0, float("-inf"), m_safe + tl.log(l_safe)), mask=ok)
+        tl.store(OP + idx[:, None] * DV + dv[None, :], o.to(OP.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, dv_out,
+                       G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
+                       DV: tl.constexpr, NSLOT: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
+                       TO_OUT: tl.constexpr):
+    """The selection branch's output of a tile of positions t0 + tile·BLOCK_T …: the softmax over the union of its
+    segments from the per-segment (log-sum-exp, output) pairs of `_selection_partials` (o = Σ_s e^{lse_s − lse}
+    o_s, lse = log Σ_s e^{lse_s}), in slot order (deterministic); LSE[row] = lse (+inf for a row that sees
+    nothing), and the gated output goes to ACC or OUT as in `_fwd`."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    r = tl.arange(0, BLOCK_T * GP)
+    g = r % GP
+    t = t0 + tile * BLOCK_T + r // GP
+    valid = (g < G) & (t < Tq) & (t < t0 + P)
+    valid = valid & (tl.load(NEED + b * Tq + t, mask=valid, other=0) != 0)
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
+        return
+    dv = tl.arange(0, DV)
+    m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * GP], tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
+    base = (bh.to(tl.int64) * P + (t - t0)) * NSLOT
+    for s in range(0, NSLOT):
+        idx = (base + s) * G + g
+        lp = tl.load(LP + idx, mask=valid, other=float("-inf"))
+        seen = lp > float("-inf")
+        o = tl.load(OP + idx[:, None] * DV + dv[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+        m_new = tl.maximum(m_i, lp)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.where(seen, tl.exp(lp - m_safe), 0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l_i = l_i * alpha + w
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    row = (b.to(tl.int64) * (HKV * G) + hkv * G + g) * Tq + t
+    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
+    gate = 1.0
+    if GI >= 0:
+        gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
+    _write_rows(acc / l_safe[:, None], gate, ACC, OUT, row[:, None] * DV + dv[None, :], b, hkv, t, valid, sob, soh,
+                sot, dv_out, G, GP, BLOCK_T, DV, GI, ACC_IN, TO_OUT)
 
 
 # -------------------------------------------------------------------------------------------------- host side
@@ -547,29 +675,96 @@ def compressed_dkdv_splits(n_tiles: int, bytes_per_split: int) -> int:
     return triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
 
 
-def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int):
-    """Who reads each key segment of the selection branch, for `_bwd_dkdv`: per (batch, KV head), the positions that
-    selected or own each selection block, ascending, grouped by block (CSR: pos int32 [B·Hkv, Tq·(n+1)], unused
-    entries at the end), and walk int32 [B·Hkv, Ns + n_txt, 2] = (first, end) per segment: entries first … end−1 of
-    pos for a selection block, positions first … end−1 for text chunk i (segment Ns + i: every position from the
-    chunk's first key on). A position's block ids are distinct, so no (block, position) pair is listed twice."""
+def _selection_lists(plan: SegmentPlan, Tq: int, Hkv: int, chunk: int):
+    """Who reads each key segment of the selection branch, per chunk of ``chunk`` positions: per (batch, KV head)
+    the entries t·(n+1) + s of every position t that selected (slot s < n) or owns (slot n) a selection block,
+    grouped by chunk, then block, positions ascending (CSR: int32 [B·Hkv, Tq·(n+1)], unused entries at the end),
+    and walk int32 [chunks, B·Hkv, Ns + n_txt, 2] = (first, end) per chunk and segment: entries first … end−1 of
+    the list for a selection block, positions first … end−1 for text chunk i (segment Ns + i: every position of
+    the chunk from the text chunk's first key on). A position's block ids are distinct, so no (block, position)
+    pair is listed twice. One stable sort for all chunks."""
     B, Tk, Ns = plan.need.shape[0], plan.tk, plan.block_start.shape[1]
     dev = plan.need.device
     own = plan.own[:, Tk - Tq:]
     ids = torch.cat([plan.selected, own[:, None, :, None].expand(B, Hkv, Tq, 1)], -1)  # [B, Hkv, Tq, n+1]
-    width = ids.shape[-1]
-    ids = torch.where((ids >= 0) & plan.need.bool()[:, None, :, None], ids, Ns).reshape(B * Hkv, -1)
-    block, order = ids.sort(dim=-1, stable=True)  # positions stay ascending within a block
-    pos = (order // width).to(torch.int32).contiguous()
-    bounds = torch.searchsorted(block, torch.arange(Ns + 1, device=dev, dtype=block.dtype).expand(B * Hkv, -1)
-                                .contiguous())
-    lo, hi = bounds[:, :-1], bounds[:, 1:]
+    n_chunks = triton.cdiv(Tq, chunk)
+    ids = torch.where((ids >= 0) & plan.need.bool()[:, None, :, None], ids, Ns)
+    key_dtype = torch.int32 if n_chunks * (Ns + 1) < 2**31 else torch.int64
+    chunk_of = (torch.arange(Tq, device=dev) // chunk).to(key_dtype)[None, None, :, None] * (Ns + 1)
+    key, order = (ids.to(key_dtype) + chunk_of).reshape(B * Hkv, -1).sort(dim=-1, stable=True)
+    edges = torch.arange(n_chunks * (Ns + 1), device=dev, dtype=key_dtype).expand(B * Hkv, -1).contiguous()
+    bounds = torch.searchsorted(key, edges).reshape(B * Hkv, n_chunks, Ns + 1)
+    lo, hi = bounds[..., :-1], bounds[..., 1:]
     if plan.text is not None and plan.text.shape[1]:
         t_lo = (plan.text[..., 0].long() - (Tk - Tq)).clamp(0, Tq)
         t_hi = torch.where(plan.text[..., 1] > 0, Tq, t_lo)
-        lo = torch.cat([lo, t_lo.repeat_interleave(Hkv, 0)], -1)
-        hi = torch.cat([hi, t_hi.repeat_interleave(Hkv, 0)], -1)
-    return pos, torch.stack([lo, hi], -1).to(torch.int32).contiguous()
+        c0 = torch.arange(n_chunks, device=dev)[None, :, None] * chunk  # [1, chunks, 1]
+        t_lo, t_hi = t_lo.repeat_interleave(Hkv, 0)[:, None], t_hi.repeat_interleave(Hkv, 0)[:, None]
+        lo = torch.cat([lo, torch.minimum(torch.maximum(t_lo, c0), c0 + chunk)], -1)
+        hi = torch.cat([hi, torch.minimum(torch.maximum(t_hi, c0), c0 + chunk)], -1)
+    walk = torch.stack([lo, hi], -1).transpose(0, 1).to(torch.int32).contiguous()
+    return order.to(torch.int32), walk
+
+
+def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int):
+    """`_selection_lists` in one chunk, as `_bwd_dkdv` reads it: pos int32 [B·Hkv, Tq·(n+1)], the positions that
+    selected or own each selection block, and walk int32 [B·Hkv, Ns + n_txt, 2]."""
+    entries, walk = _selection_lists(plan, Tq, Hkv, Tq)
+    return (entries // (plan.selected.shape[-1] + 1)).contiguous(), walk[0]
+
+
+# The selection forward by key segment (`selection_fwd`) keeps one (log-sum-exp, output) pair per position, head
+# and segment for a chunk of positions at a time: as many positions as fit in this many bytes.
+SELECTION_PARTIAL_BYTES = 256 << 20
+# `_selection_partials` in half precision: rows (positions × the group rounded up) per step, launch options;
+# `_selection_combine`: rows per program, launch options.
+SELECTION_FWD_LAUNCH = (128, dict(num_warps=8, num_stages=2))
+SELECTION_COMBINE_LAUNCH = (32, dict(num_warps=4))
+
+
+def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: bool = False, out=None):
+    """The selection branch's forward (NSA §3.3.2, eq. 5's o_slc) by key segment rather than by query tile: each
+    selected block (and chunk of text keys) is loaded once per chunk of positions, and every (position, head) row
+    that reads it attends it there (`_selection_partials`), so K/V traffic no longer grows with the top-n count
+    per position; `_selection_combine` then merges each row's segments (one softmax over their union) and adds
+    gate·o_slc as `segment_attention_fwd` does (``acc``, ``first``, ``out`` as there). The per-segment outputs are
+    kept in the inputs' dtype (fp16 / bf16: one more rounding of o_slc, ~2⁻⁹ relative).
+
+    Args: as `segment_attention_fwd`; ``plan`` a SELECTION plan with ``selected`` filled (`select_topn`).
+    Returns: as `segment_attention_fwd`'s forward: (lse fp32 [B, Hq, Tq] of the branch, NaN for rows not needed;
+    None)."""
+    B, Hq, Tq, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G, GP, _ = _geometry(Hq, Hkv, q.dtype, DENSE)
+    combine_rows, combine_options = SELECTION_COMBINE_LAUNCH
+    BLOCK_T = max(1, combine_rows // GP)
+    tables, Ns, n_txt, nsel = plan.tables(q.device)
+    nslot = nsel + 1 + n_txt
+    per_position = B * Hkv * G * nslot * (Dv * q.element_size() + 4)
+    P = min(Tq, max(BLOCK_T, SELECTION_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
+    entries, walk = _selection_lists(plan, Tq, Hkv, P)
+    o_part = torch.empty(B * Hkv * P * nslot * G * Dv, dtype=q.dtype, device=q.device)
+    lse_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
+    lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
+    z = torch.zeros(1, dtype=torch.float32, device=q.device)
+    half = q.dtype != torch.float32
+    rows, options = SELECTION_FWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
+    rt = max(1, rows // GP)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    meta = dict(G=G, GP=GP, HKV=Hkv, DV=Dv)
+    for t0 in range(0, Tq, P):
+        lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
+        _selection_partials[(Ns + n_txt, B * Hkv)](
+            q, k, v, o_part, lse_part, entries, walk[t0 // P], tables["block_start"], tables["block_len"],
+            tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
+            entries.shape[-1], t0, P, scale, **meta, RT=rt, BLOCK_N=plan.block_n, D=D, NSEL=nsel, NSLOT=nslot,
+            PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None, **options)
+        _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
+            o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
+            *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
+            **meta, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first, TO_OUT=out is not None,
+            **combine_options)
+    return lse, None
 
 
 @triton.jit

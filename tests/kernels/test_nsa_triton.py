@@ -108,6 +108,30 @@ def test_forward_in_kv_head_chunks_equals_one_chunk(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B2-HQ6-H2-T80-two-spans"])
+def test_selection_forward_in_position_chunks_equals_one_chunk(case, monkeypatch):
+    """The selection forward by key segment keeps its per-segment partial outputs for one chunk of positions at a
+    time (`SELECTION_PARTIAL_BYTES`): with chunks of one combine tile the output equals that of one chunk up to the
+    rounding of the interpreter's matrix products (a row's segments are merged in the same slot order, but a step
+    gathers other rows beside it), and is as exact against the reference."""
+    from nsa_compile.kernels import segment_attention as sa
+
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=4)
+    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    whole = nsa_triton_forward(q, k, v, gates, vm, *params)
+    chunks = []
+    real = sa._selection_lists
+    monkeypatch.setattr(sa, "SELECTION_PARTIAL_BYTES", 1)
+    monkeypatch.setattr(sa, "_selection_lists", lambda *a: chunks.append(a[-1]) or real(*a))
+    chunked = nsa_triton_forward(q, k, v, gates, vm, *params)
+    assert chunks and max(chunks) < Tq
+    assert rel(chunked.double(), whole.double()) <= 1e-6
+    assert rel(chunked.double(), nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None,
+                                               *params)) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B2-HQ6-H2-T80-two-spans"])
 def test_compression_dkdv_split_over_query_chunks(case, monkeypatch):
     """The compression branch's dk/dv walk split in chunks of one query tile (partial sums added by the host):
     gradients as exact against the reference as one walk per key block."""
