@@ -443,7 +443,7 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
     for s in range(0, NSLOT):
         idx = (base + s) * G + g
         lp = tl.load(LP + idx, mask=valid, other=float("-inf"))
-        seen = lp > float("-inf")
+        seen = lp != float("-inf")  # NaN (a NaN or inf input among the segment's scores) propagates, as in `_fwd`
         o = tl.load(OP + idx[:, None] * DV + dv[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
         m_new = tl.maximum(m_i, lp)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
