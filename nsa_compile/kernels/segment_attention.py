@@ -348,7 +348,7 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
 @triton.jit
 def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KVALID,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                        Tq, Tk, Ns, n_txt, n_list, t0, P, scale,
+                        Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
                         G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, RT: tl.constexpr,
                         BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr,
                         NSLOT: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
@@ -358,22 +358,23 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     normalised output (OP's dtype), at [bh, t − t0, slot, g] with slot the segment's rank among the position's
     (``s`` < NSEL+1: its top-n ids and own block; NSEL+1+i: text chunk i). `_selection_combine` merges a position's
     slots. Readers: for selection block kid < Ns entries WALK[bh, kid] = (first, end) of LIST[bh], each
-    t·(NSEL+1) + s; for text chunk kid − Ns the positions first … end−1."""
+    t·(NSEL+1) + s; for piece j of text chunk i (kid = Ns + i·n_pieces + j) the positions first … end−1."""
     kid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
-    walk = WALK + (bh.to(tl.int64) * (Ns + n_txt) + kid) * 2
+    walk = WALK + (bh.to(tl.int64) * (Ns + n_txt * n_pieces) + kid) * 2
     e_lo = tl.load(walk)
     e_hi = tl.load(walk + 1)
     if e_lo >= e_hi:
         return
+    txt = (kid - Ns) // n_pieces
     if kid < Ns:
         start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
         length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
     else:
-        start = tl.load(TXT + (b * n_txt + kid - Ns) * 2).to(tl.int64)
-        length = tl.load(TXT + (b * n_txt + kid - Ns) * 2 + 1)
+        start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
+        length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
     n = tl.arange(0, BLOCK_N)
     c = start + n
     c_ok = (n < length) & (c < Tk)
@@ -397,7 +398,7 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
             slot = f % (NSEL + 1)
         else:
             t = e
-            slot = e * 0 + (NSEL + 1 + kid - Ns)
+            slot = e * 0 + (NSEL + 1 + txt)
             ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
         q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
         q = tl.load(q_ptr[:, None] + d[None, :], mask=ok[:, None], other=0.0)
@@ -675,14 +676,15 @@ def compressed_dkdv_splits(n_tiles: int, bytes_per_split: int) -> int:
     return triton.cdiv(n_tiles, triton.cdiv(n_tiles, splits))
 
 
-def _selection_lists(plan: SegmentPlan, Tq: int, Hkv: int, chunk: int):
+def _selection_lists(plan: SegmentPlan, Tq: int, Hkv: int, chunk: int, text_piece: int | None = None):
     """Who reads each key segment of the selection branch, per chunk of ``chunk`` positions: per (batch, KV head)
     the entries t·(n+1) + s of every position t that selected (slot s < n) or owns (slot n) a selection block,
     grouped by chunk, then block, positions ascending (CSR: int32 [B·Hkv, Tq·(n+1)], unused entries at the end),
-    and walk int32 [chunks, B·Hkv, Ns + n_txt, 2] = (first, end) per chunk and segment: entries first … end−1 of
-    the list for a selection block, positions first … end−1 for text chunk i (segment Ns + i: every position of
-    the chunk from the text chunk's first key on). A position's block ids are distinct, so no (block, position)
-    pair is listed twice. One stable sort for all chunks."""
+    and walk int32 [chunks, B·Hkv, Ns + n_txt·pieces, 2] = (first, end) per chunk and segment: entries first …
+    end−1 of the list for a selection block, positions first … end−1 for text chunk i (segments Ns + i·pieces …:
+    every position of the chunk from the text chunk's first key on, cut in ``pieces`` = ⌈chunk / text_piece⌉ runs
+    of at most ``text_piece`` positions; one run without ``text_piece``). A position's block ids are distinct, so
+    no (block, position) pair is listed twice. One stable sort for all chunks."""
     B, Tk, Ns = plan.need.shape[0], plan.tk, plan.block_start.shape[1]
     dev = plan.need.device
     own = plan.own[:, Tk - Tq:]
@@ -698,10 +700,14 @@ def _selection_lists(plan: SegmentPlan, Tq: int, Hkv: int, chunk: int):
     if plan.text is not None and plan.text.shape[1]:
         t_lo = (plan.text[..., 0].long() - (Tk - Tq)).clamp(0, Tq)
         t_hi = torch.where(plan.text[..., 1] > 0, Tq, t_lo)
-        c0 = torch.arange(n_chunks, device=dev)[None, :, None] * chunk  # [1, chunks, 1]
-        t_lo, t_hi = t_lo.repeat_interleave(Hkv, 0)[:, None], t_hi.repeat_interleave(Hkv, 0)[:, None]
-        lo = torch.cat([lo, torch.minimum(torch.maximum(t_lo, c0), c0 + chunk)], -1)
-        hi = torch.cat([hi, torch.minimum(torch.maximum(t_hi, c0), c0 + chunk)], -1)
+        piece = chunk if text_piece is None else text_piece
+        # run j of chunk c: positions c·chunk + j·piece … (at most piece, within the chunk); [1, chunks, 1, runs]
+        runs = triton.cdiv(chunk, piece)
+        r0 = torch.arange(n_chunks, device=dev)[:, None] * chunk + torch.arange(runs, device=dev)[None, :] * piece
+        r0, r1 = r0[None, :, None, :], torch.minimum(r0 + piece, (r0 // chunk + 1) * chunk)[None, :, None, :]
+        t_lo, t_hi = (x.repeat_interleave(Hkv, 0)[:, None, :, None] for x in (t_lo, t_hi))  # [B·Hkv, 1, n_txt, 1]
+        lo = torch.cat([lo, torch.minimum(torch.maximum(t_lo, r0), r1).flatten(2)], -1)
+        hi = torch.cat([hi, torch.minimum(torch.maximum(t_hi, r0), r1).flatten(2)], -1)
     walk = torch.stack([lo, hi], -1).transpose(0, 1).to(torch.int32).contiguous()
     return order.to(torch.int32), walk
 
@@ -742,23 +748,27 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
     nslot = nsel + 1 + n_txt
     per_position = B * Hkv * G * nslot * (Dv * q.element_size() + 4)
     P = min(Tq, max(BLOCK_T, SELECTION_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
-    entries, walk = _selection_lists(plan, Tq, Hkv, P)
+    half = q.dtype != torch.float32
+    rows, options = SELECTION_FWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
+    rt = max(1, rows // GP)
+    # A text chunk is read by every video position after it: its readers are cut in runs of 4 steps, so that one
+    # program does not walk a whole chunk of positions while the others, one selection block each, walk a few steps
+    # (a prompt before a 128K video: ~100 ms per layer more in the 7B end to end, twelfth session).
+    entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=4 * rt)
+    n_pieces = triton.cdiv(P, 4 * rt)
     o_part = torch.empty(B * Hkv * P * nslot * G * Dv, dtype=q.dtype, device=q.device)
     lse_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
-    half = q.dtype != torch.float32
-    rows, options = SELECTION_FWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
-    rt = max(1, rows // GP)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     meta = dict(G=G, GP=GP, HKV=Hkv, DV=Dv)
     for t0 in range(0, Tq, P):
         lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
-        _selection_partials[(Ns + n_txt, B * Hkv)](
+        _selection_partials[(Ns + n_txt * n_pieces, B * Hkv)](
             q, k, v, o_part, lse_part, entries, walk[t0 // P], tables["block_start"], tables["block_len"],
             tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
-            entries.shape[-1], t0, P, scale, **meta, RT=rt, BLOCK_N=plan.block_n, D=D, NSEL=nsel, NSLOT=nslot,
-            PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None, **options)
+            n_pieces, entries.shape[-1], t0, P, scale, **meta, RT=rt, BLOCK_N=plan.block_n, D=D, NSEL=nsel,
+            NSLOT=nslot, PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None, **options)
         _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
             o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
             *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
