@@ -248,6 +248,21 @@ def _gated_do(DO, GATE, row, valid, GI: tl.constexpr, DV: tl.constexpr):
 
 
 @triton.jit
+def _segment_kv(K, V, b, hkv, start, length, Nk, skb, skh, skt, svb, svh, svt, BLOCK_N: tl.constexpr,
+                D: tl.constexpr, DV: tl.constexpr):
+    """Key positions c, their validity (c < start + length, c < Nk) and the K [BLOCK_N, D], V [BLOCK_N, DV] tiles of
+    the key segment starting at ``start`` (zeros past its end)."""
+    n = tl.arange(0, BLOCK_N)
+    c = start + n
+    c_ok = (n < length) & (c < Nk)
+    k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + c[:, None] * skt + tl.arange(0, D)[None, :],
+                mask=c_ok[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + tl.arange(0, DV)[None, :],
+                mask=c_ok[:, None], other=0.0)
+    return c, c_ok, k, v
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, NEED, KVALID, WALK, POS,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
               Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pos, window, scale, split,
@@ -293,17 +308,11 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         if SPLIT:
             t_lo = tl.maximum(t_lo, tl.program_id(2) * split)
             t_hi = tl.minimum(t_hi, tl.program_id(2) * split + split)
-    n = tl.arange(0, BLOCK_N)
-    c = start + n
-    c_ok = (n < length) & (c < Nk)
+    c, c_ok, k, v = _segment_kv(K, V, b, hkv, start, length, Nk, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV)
     if tl.max(c_ok.to(tl.int32), axis=0) == 0:
         return
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + c[:, None] * skt + d[None, :],
-                mask=c_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + dv[None, :],
-                mask=c_ok[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     step = tl.arange(0, RT * BLOCK_T * GP) // (BLOCK_T * GP)  # each row's tile among the RT of a step
@@ -375,15 +384,9 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     else:
         start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
         length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
-    n = tl.arange(0, BLOCK_N)
-    c = start + n
-    c_ok = (n < length) & (c < Tk)
+    c, c_ok, k, v = _segment_kv(K, V, b, hkv, start, length, Tk, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    k = tl.load(K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh + c[:, None] * skt + d[None, :],
-                mask=c_ok[:, None], other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh + c[:, None] * svt + dv[None, :],
-                mask=c_ok[:, None], other=0.0)
     if HAS_KMASK:
         c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
     r = tl.arange(0, RT * GP)
