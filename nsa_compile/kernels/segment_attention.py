@@ -358,12 +358,13 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
 def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KVALID,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                         Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
-                        G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, RT: tl.constexpr,
-                        BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr,
-                        NSLOT: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
+                        G: tl.constexpr, HKV: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                        D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSLOT: tl.constexpr,
+                        PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
     """The selection branch's forward by key segment (program kid, bh) for positions t0 … t0+P−1: the segment's
     K/V tile is loaded once and every (position, head) row that reads it gets the softmax of its scores over this
-    segment alone, ``RT`` positions per step: LP = its log-sum-exp (fp32; −inf when it sees no key), OP = the
+    segment alone, RT = ROWS // G positions per step (rows packed as position·G + head, not padded to a power of
+    two: group 7 fills 126 of 128 rows, not 112): LP = its log-sum-exp (fp32; −inf when it sees no key), OP = the
     normalised output (OP's dtype), at [bh, t − t0, slot, g] with slot the segment's rank among the position's
     (``s`` < NSEL+1: its top-n ids and own block; NSEL+1+i: text chunk i). `_selection_combine` merges a position's
     slots. Readers: for selection block kid < Ns entries WALK[bh, kid] = (first, end) of LIST[bh], each
@@ -389,12 +390,13 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     dv = tl.arange(0, DV)
     if HAS_KMASK:
         c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
-    r = tl.arange(0, RT * GP)
-    g = r % GP
+    RT: tl.constexpr = ROWS // G
+    r = tl.arange(0, ROWS)
+    g = r % G
     h = hkv * G + g
     for i in range(e_lo, e_hi, RT):
-        e = i + r // GP
-        ok = (e < e_hi) & (g < G)
+        e = i + r // G
+        ok = (e < e_hi) & (r < RT * G)
         if kid < Ns:  # listed positions need the branch (`_selection_lists` leaves the others out)
             f = tl.load(LIST + bh.to(tl.int64) * n_list + e, mask=ok, other=0)
             t = f // (NSEL + 1)
@@ -753,7 +755,8 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
     P = min(Tq, max(BLOCK_T, SELECTION_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
     rows, options = SELECTION_FWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
-    rt = max(1, rows // GP)
+    rows = max(rows, GP)
+    rt = rows // G  # positions per step of `_selection_partials`
     # A text chunk is read by every video position after it: its readers are cut in runs of 4 steps, so that one
     # program does not walk a whole chunk of positions while the others, one selection block each, walk a few steps
     # (a prompt before a 128K video: ~100 ms per layer more in the 7B end to end, twelfth session).
@@ -764,19 +767,19 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    meta = dict(G=G, GP=GP, HKV=Hkv, DV=Dv)
     for t0 in range(0, Tq, P):
         lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
         _selection_partials[(Ns + n_txt * n_pieces, B * Hkv)](
             q, k, v, o_part, lse_part, entries, walk[t0 // P], tables["block_start"], tables["block_len"],
             tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
-            n_pieces, entries.shape[-1], t0, P, scale, **meta, RT=rt, BLOCK_N=plan.block_n, D=D, NSEL=nsel,
-            NSLOT=nslot, PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None, **options)
+            n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D, DV=Dv,
+            NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None,
+            **options)
         _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
             o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
             *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
-            **meta, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first, TO_OUT=out is not None,
-            **combine_options)
+            G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first,
+            TO_OUT=out is not None, **combine_options)
     return lse, None
 
 
