@@ -184,10 +184,9 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 
 
 # The forward's selection branch runs by key segment (`segment_attention.selection_fwd`) for GQA groups up to this
-# size, by query tile above it. Its cost grows with the rows that read each segment (top-n × the group rounded up to
-# a power of two) and the query tile's with the blocks each position reads (top-n), the group sharing every load:
-# on an H100 at 128K, group 7 (shape A) 69 against 80 ms per forward, group 16 (shape B) 86 against 44
-# (BENCHMARKS.md, twelfth session).
+# size, by query tile above it. Its cost grows with the rows that read each segment (top-n × the group) and the
+# query tile's with the blocks each position reads (top-n), the group sharing every load: on an H100 at 128K, group
+# 7 (shape A) 69 against 80 ms per forward, group 16 (shape B) 86 against 44 (BENCHMARKS.md, twelfth session).
 SELECTION_BY_KEY_MAX_GROUP = 8
 
 # The forward's fp32 accumulator is allocated per chunk of KV heads (with their GQA groups) of at most this many

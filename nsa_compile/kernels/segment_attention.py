@@ -727,7 +727,7 @@ def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int):
 # The selection forward by key segment (`selection_fwd`) keeps one (log-sum-exp, output) pair per position, head
 # and segment for a chunk of positions at a time: as many positions as fit in this many bytes.
 SELECTION_PARTIAL_BYTES = 256 << 20
-# `_selection_partials` in half precision: rows (positions × the group rounded up) per step, launch options;
+# `_selection_partials` in half precision: rows (positions × the group, packed) per step, launch options;
 # `_selection_combine`: rows per program, launch options.
 SELECTION_FWD_LAUNCH = (128, dict(num_warps=8, num_stages=2))
 SELECTION_COMBINE_LAUNCH = (32, dict(num_warps=4))
