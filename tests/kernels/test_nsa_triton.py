@@ -131,6 +131,30 @@ def test_selection_forward_in_position_chunks_equals_one_chunk(case, monkeypatch
                                                *params)) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
+def test_selection_forward_by_key_segment_equals_by_query_tile(case, monkeypatch):
+    """Groups up to `SELECTION_BY_KEY_MAX_GROUP` run the selection forward by key segment; the query-tile kernel
+    (what larger groups and the backward's pass use) gives the same output and top-n on the same inputs."""
+    from nsa_compile.kernels import nsa_triton as nt
+
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
+    assert Hq // Hkv <= nt.SELECTION_BY_KEY_MAX_GROUP
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=8)
+    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    by_key, by_tile, calls = {}, {}, []
+    real = nt.selection_fwd
+    monkeypatch.setattr(nt, "selection_fwd", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out_key = nsa_triton_forward(q, k, v, gates, vm, *params, _keep=by_key)
+    assert calls  # the by-key kernels ran
+    monkeypatch.setattr(nt, "SELECTION_BY_KEY_MAX_GROUP", 0)
+    calls.clear()
+    out_tile = nsa_triton_forward(q, k, v, gates, vm, *params, _keep=by_tile)
+    assert not calls
+    assert torch.equal(by_key["selected"], by_tile["selected"])
+    assert rel(out_key.double(), out_tile.double()) <= 1e-6
+
+
 @pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B2-HQ6-H2-T80-two-spans"])
 def test_compression_dkdv_split_over_query_chunks(case, monkeypatch):
     """The compression branch's dk/dv walk split in chunks of one query tile (partial sums added by the host):
