@@ -217,7 +217,8 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     sel = B * Hkv * Tq * top_n * 4
     layout = B * Tk * 8 * 12
     if not backward:
-        G, chunks = Hq // Hkv, kv_head_chunks(B, Hkv, Hq // Hkv, Tq, Dv)
+        G = Hq // Hkv
+        chunks = kv_head_chunks(B, Hkv, G, Tq, Dv)
         acc = B * Hq * Tq * Dvp * 4 // chunks
         out = B * Hq * Tq * Dv * itemsize
         by_key = 0
