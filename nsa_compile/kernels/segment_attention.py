@@ -484,12 +484,15 @@ def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int 
 class TopnGeometry(NamedTuple):
     """What `select_topn` needs of the layout, the same for every head and layer of a call: int32 [B, Ns] first
     compression block overlapping each selection block and their count, the largest count ``W`` (a host value),
-    and int32 [B, Tq] the candidates of each query (the blocks ending before its own block)."""
+    int32 [B, Tq] the candidates of each query (the blocks ending before its own block), and ``identity`` (a host
+    value): every selection block is compression block of the same index, alone (compression and selection blocks
+    coincide, as in the ``videonsa`` preset)."""
 
     first: torch.Tensor
     width: torch.Tensor
     W: int
     ncand: torch.Tensor
+    identity: bool
 
 
 @dataclass
@@ -805,13 +808,16 @@ def _bitonic_merge(x, R: tl.constexpr, LOG: tl.constexpr):
 def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, skh, skt,
           Tq, Tk, Nc, Ns, W, scale,
           G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
-          D: tl.constexpr, N: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr, LOG_S: tl.constexpr):
+          D: tl.constexpr, ID_BITS: tl.constexpr, PRECISION: tl.constexpr, LOG_S: tl.constexpr,
+          IDENTITY: tl.constexpr):
     """Top-N selection blocks per position of a tile. A block's score is Σ over the group's heads and over the
     compression blocks overlapping it of exp(q·k_c·scale − lse) (NSA eqs. 8-10); candidates are the first
     NCAND[position] blocks (those ending before the position's own block). Order: higher score, then lower id,
     exactly as `selection.select_block_ids` (int32 keys: the score's float bits above ID_BITS, the block id
     below); per chunk of BLOCK_S = 2**LOG_S blocks the chunk's keys are sorted and merged into the running top
-    BLOCK_S (one half-cleaner and a bitonic merge: about half the compare-and-swap work of sorting both)."""
+    BLOCK_S (one half-cleaner and a bitonic merge: about half the compare-and-swap work of sorting both).
+    OUT int32 [B, HKV, Tq, BLOCK_S] gets the ids (−1 past the candidates; the caller keeps the first n columns); each tile's rows of it are also the
+    scratch through which every chunk's keys pass before their sort (below)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
                                                BLOCK_T, D, 1)
@@ -823,13 +829,19 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
     tr = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     ncand = tl.load(NCAND + b.to(tl.int64) * Tq + tr, mask=tr < Tq, other=0)
     sj = tl.arange(0, BLOCK_S)
+    out = OUT + ((b * HKV + hkv).to(tl.int64) * Tq + tr)[:, None] * BLOCK_S + sj[None, :]
+    out_ok = (tr < Tq)[:, None] & (sj < BLOCK_S)[None, :]
     best = tl.full([BLOCK_T, BLOCK_S], -1, tl.int32)
     low = (1 << ID_BITS) - 1
     for ch in range(0, tl.cdiv(tl.max(ncand, axis=0), BLOCK_S)):
         j = ch * BLOCK_S + sj
         j_ok = j < Ns
-        first = tl.load(FIRST + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
-        width = tl.load(WIDTH + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
+        if IDENTITY:  # block j is compression block j (H100, 128K, shape A: 12.1 → 10.2 ms for the 4 KV heads)
+            first = j
+            width = j_ok.to(tl.int32)
+        else:
+            first = tl.load(FIRST + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
+            width = tl.load(WIDTH + b.to(tl.int64) * Ns + j, mask=j_ok, other=0)
         score = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
         for w in range(0, W):  # a loop, not unrolled: W reaches l′/d + 1 (e.g. 129 for d = 1)
             c = first + w
@@ -842,12 +854,20 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
             score += tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_S)), axis=1)
         key = ((tl.maximum(score, 0.0).to(tl.int32, bitcast=True) >> ID_BITS) << ID_BITS) + (low - j)[None, :]
         key = tl.where(j[None, :] < ncand[:, None], key, -1)
+        # The keys leave the layout of the dot and the head sum through global memory (the tile's own rows of OUT,
+        # in L1) for the layout a load gives, before the sort: sorting in the dot's layout issued ~2.5× the
+        # instructions (H100 at 128K, shape A: 20.9 → 12.0 ms for the 4 KV heads; BENCHMARKS.md, thirteenth
+        # session). The chunk loop holds the W loop, so Triton does not software-pipeline it: the load stays after
+        # the store and the barrier.
+        tl.store(out, key, mask=out_ok)
+        tl.debug_barrier()
+        key = tl.load(out, mask=out_ok, other=-1)
+        tl.debug_barrier()
         # best descending, the chunk ascending: their elementwise max holds the BLOCK_S largest of both, in a
         # bitonic sequence (Batcher's half-cleaner); a bitonic merge sorts it (log2 BLOCK_S compare-and-swap rounds)
         best = _bitonic_merge(tl.maximum(best, tl.sort(key, dim=1)), BLOCK_T, LOG_S)
     ids = tl.where(best >= 0, low - (best & low), -1)
-    out = OUT + ((b * HKV + hkv).to(tl.int64) * Tq + tr)[:, None] * N + sj[None, :]
-    tl.store(out, ids, mask=(tr < Tq)[:, None] & (sj < N)[None, :])
+    tl.store(out, ids, mask=out_ok)
 
 
 def topn_geometry(layout, Tq: int) -> TopnGeometry:
@@ -861,8 +881,11 @@ def topn_geometry(layout, Tq: int) -> TopnGeometry:
     width = torch.where(sel_start < Tk, last - first, 0).clamp_min(0)
     own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
     ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
-    return TopnGeometry(first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(),
-                        max(1, int(width.max())) if width.numel() else 1, ncand.to(torch.int32).contiguous())
+    j = torch.arange(first.shape[1], device=first.device)
+    identity = ((width == 1) & (first == j)) | (sel_start >= Tk)  # padding blocks (start ≥ Tk) are no candidates
+    W, ident = torch.stack([width.amax(), identity.all()]).tolist() if width.numel() else (1, False)
+    return TopnGeometry(first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(), max(1, W),
+                        ncand.to(torch.int32).contiguous(), bool(ident))
 
 
 def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float,
@@ -892,15 +915,15 @@ def select_topn(q, k_cmp, lse_cmp, kend, layout, need, top_n: int, scale: float,
                             "raise selection_block_size or shorten the video")
     n = min(top_n, Ns)
     geo = topn_geometry(layout, Tq) if geometry is None else geometry
-    out = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32, device=q.device)
     G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, halve=D > 128)  # head dim 256 within the H100's shared memory
     BLOCK_S = max(16, triton.next_power_of_2(n))
+    out = torch.full((B, Hkv, Tq, BLOCK_S), -1, dtype=torch.int32, device=q.device)
     # 8 warps for groups of ≤ 8 (shape A at 128K: 5.45 against 6.16 ms per KV head), 4 for 16 (B: 5.52 against
     # 6.31); H100, BENCHMARKS.md tenth session. The ids agree with the reference's up to near ties either way.
     _topn[(triton.cdiv(Tq, BLOCK_T), B * Hkv)](
         q, k_cmp, lse_cmp, kend, geo.first, geo.width, geo.ncand, need, out, *q.stride()[:3], *k_cmp.stride()[:3],
         Tq, Tk, Nc, Ns, geo.W, scale, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, BLOCK_S=BLOCK_S,
-        LOG_S=BLOCK_S.bit_length() - 1, D=D, N=n,
+        LOG_S=BLOCK_S.bit_length() - 1, D=D, IDENTITY=geo.identity,
         ID_BITS=key_id_bits(Ns), PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=8 if GP <= 8 else 4, num_stages=1 if q.dtype == torch.float32 else 2)
-    return torch.where(need.bool()[:, None, :, None], out, -1)
+    return torch.where(need.bool()[:, None, :, None], out[..., :n], -1)

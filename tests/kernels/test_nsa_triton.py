@@ -520,3 +520,43 @@ def test_topn_kernel_loops_over_many_overlapping_compression_blocks(D):
     assert ours.shape == ref.shape
     assert int((layout.cmp_block_end[0, 1:] - layout.cmp_block_start[0, 1:]).min()) == l - 1  # stride 1
     assert torch.equal(ours.long().sort(-1).values, ref.sort(-1).values)
+
+
+def test_topn_kernel_reads_coinciding_blocks_directly():
+    """When every selection block is the compression block of the same index (spans that are whole blocks, l = d =
+    l′, as ``videonsa``), `select_topn` skips the block-band tables (``identity``); its ids equal those of the
+    general path and of the reference. A span with a partial block turns it off."""
+    from nsa_compile.kernels.common import video_layout
+    from nsa_compile.kernels.compression import compress_kv, compression_reference
+    from nsa_compile.kernels.segment_attention import select_topn, topn_geometry
+    from nsa_compile.kernels.selection import select_block_ids
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    B, Hq, Hkv, T, D, l, n = 2, 6, 2, 72, 16, 8, 3
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, h, T, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
+    vm = torch.zeros(B, T, dtype=torch.bool, device=device)
+    vm[0, 8:72] = True
+    vm[1, 0:24] = True
+    vm[1, 40:64] = True
+    partial = vm.clone()
+    partial[1, 24:28] = True  # a span of 28 tokens: its last selection block has no compression block
+    assert not topn_geometry(video_layout(partial, T, l, l, l), T).identity
+    scale = D ** -0.5
+    layout = video_layout(vm, T, l, l, l)
+    geo = topn_geometry(layout, T)
+    assert geo.identity and geo.W == 1
+    k_cmp, _ = compress_kv(k, v, layout)
+    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
+    pos = torch.arange(T, device=device)
+    s = torch.einsum("bhtd,bhcd->bhtc", q, k_cmp.repeat_interleave(Hq // Hkv, 1)) * scale
+    lse = torch.where(kend[:, None, None, :] <= pos[None, None, :, None], s, float("-inf")).logsumexp(-1)
+    need = vm.to(torch.int8).contiguous()
+    args = (q, k_cmp.contiguous(), lse.float().contiguous(), kend, layout, need, n, scale)
+    direct = select_topn(*args, geo)
+    banded = select_topn(*args, geo._replace(identity=False))
+    _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, T, D), k, v, layout, scale)
+    ref = torch.where(vm[:, None, :, None], select_block_ids(p, layout, pos, n), -1)
+    assert (direct >= 0).sum() > B * Hkv * 40  # most video rows have n candidates
+    assert torch.equal(direct, banded)
+    assert torch.equal(direct.long().sort(-1).values, ref.sort(-1).values)
