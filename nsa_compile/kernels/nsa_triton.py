@@ -97,7 +97,11 @@ def _build_tables(mask: Tensor, Tq: int, Tk: int, block_size: int, block_stride:
     any_text, any_video = bool(need_t.any()), bool(need_v.any())
     kend = own = block_start = block_len = text = topn = None
     if any_video:
-        kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
+        # compressed keys padded to a multiple of 16 (ending at 2**31 − 1: never visible): Triton specialises the
+        # key count's divisibility by 16, and the compression launch took 3.41 against 2.44 ms per KV head at 128K
+        # with 2,047 compressed keys (a video after a prompt; H100, BENCHMARKS.md eleventh session)
+        kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32)
+        kend = F.pad(kend, (0, -kend.shape[1] % 16), value=2**31 - 1).contiguous()
         start, end = layout.sel_block_start, layout.sel_block_end
         own = torch.where(layout.is_video, layout.sel_id, -2).to(torch.int32).contiguous()
         block_start = start.clamp(max=Tk).to(torch.int32).contiguous()
@@ -117,9 +121,9 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
     if t.any_text:
         branches["dense"] = (SegmentPlan(DENSE, t.need_t, Tk), k, v)
     if t.any_video:
-        k_cmp, v_cmp = compress_kv(k, v, t.layout)
-        branches["compression"] = (SegmentPlan(COMPRESSED, t.need_v, Tk, gate=0, kend=t.kend), k_cmp.contiguous(),
-                                   v_cmp.contiguous())
+        pad = (0, 0, 0, t.kend.shape[1] - t.layout.num_cmp_blocks)  # rows to the padded count of `_build_tables`
+        k_cmp, v_cmp = (F.pad(x, pad).contiguous() for x in compress_kv(k, v, t.layout))
+        branches["compression"] = (SegmentPlan(COMPRESSED, t.need_v, Tk, gate=0, kend=t.kend), k_cmp, v_cmp)
         branches["selection"] = (SegmentPlan(
             SELECTION, t.need_v, Tk, gate=1, own=t.own, block_start=t.block_start, block_len=t.block_len,
             text=t.text, block_n=_pow2_block(selection_block_size), topn=t.topn), k, v)
@@ -374,8 +378,9 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
             dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
                 vv.shape, dtype=torch.float32, device=q.device)
             segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dkc, dvc)
-            dk += _unpool(dkc, layout, Tk, block_size, block_stride)
-            dv += _unpool(dvc, layout, Tk, block_size, block_stride)
+            Nc = layout.num_cmp_blocks  # without the padding rows
+            dk += _unpool(dkc[:, :, :Nc], layout, Tk, block_size, block_stride)
+            dv += _unpool(dvc[:, :, :Nc], layout, Tk, block_size, block_stride)
         else:
             segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dk, dv)
     return (dq[..., :D].to(dtypes[0]), dk[..., :D].to(dtypes[1]), dv[..., :Dv].to(dtypes[2]),

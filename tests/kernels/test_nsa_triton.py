@@ -560,3 +560,19 @@ def test_topn_kernel_reads_coinciding_blocks_directly():
     assert (direct >= 0).sum() > B * Hkv * 40  # most video rows have n candidates
     assert torch.equal(direct, banded)
     assert torch.equal(direct.long().sort(-1).values, ref.sort(-1).values)
+
+
+def test_compressed_keys_are_padded_to_a_multiple_of_16():
+    """The compression branch's keys, values and end table have a multiple of 16 rows (Triton's divisibility
+    specialisation); the padding rows are zero and end at 2**31 − 1, so no query sees them (the forward and backward
+    tests above compare the results with the reference)."""
+    from nsa_compile.kernels.nsa_triton import _prepare
+
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES["B2-HQ6-H2-T80-two-spans"]
+    q, k, v, _ = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=3)
+    layout, _, branches = _prepare(q, k, v, spans(B, Tk, ranges), l, d, ls, w)
+    plan, k_cmp, v_cmp = branches["compression"]
+    Nc = layout.num_cmp_blocks
+    assert Nc % 16 and k_cmp.shape[2] == v_cmp.shape[2] == plan.kend.shape[1] == -(-Nc // 16) * 16
+    assert bool((plan.kend[:, Nc:] == 2**31 - 1).all()) and bool((plan.kend[:, :Nc] < 2**31 - 1).any())
+    assert k_cmp[:, :, Nc:].abs().sum() == 0 and v_cmp[:, :, Nc:].abs().sum() == 0
