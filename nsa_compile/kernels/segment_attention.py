@@ -272,19 +272,21 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
     """DK, DV += one branch's gradient of one key segment (program kid, bh), walking the query rows that read it,
     ``RT`` tiles per step. SELECTION mode (``BLOCK_T`` = 1: a tile is one position): WALK int32 [B·Hkv, Ns + n_txt,
     2] = (first, end) from `_selection_walk`: for selection block kid < Ns the positions POS[bh, first:end] that
-    selected it or own it, for text chunk kid − Ns the positions first … end−1. Other modes: key block kid and the
-    contiguous range of query tiles that see it; SPLIT: program (kid, bh, s) walks only tiles [s·split,
-    (s+1)·split) and stores its partial sums in slice s of DK, DV (fp32 [splits, B, Hkv, Nk, ·], summed by the
-    host) instead of adding to them."""
+    selected it or own it, for text chunk kid − Ns the positions first … end−1. DENSE mode (text rows): key block
+    kid and the query tiles POS[bh, first:end] (WALK [B·Hkv, key blocks, 2], `_dense_walk`): those holding text rows
+    from the first that sees the block on. Other modes: key block kid and the contiguous range of query tiles that
+    see it; SPLIT: program (kid, bh, s) walks only tiles [s·split, (s+1)·split) and stores its partial sums in slice
+    s of DK, DV (fp32 [splits, B, Hkv, Nk, ·], summed by the host) instead of adding to them."""
     kid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
     off = Tk - Tq  # key position of query 0
-    if MODE == 3:
-        walk = WALK + (bh.to(tl.int64) * (Ns + n_txt) + kid) * 2
+    if MODE == 0 or MODE == 3:
+        walk = WALK + (bh.to(tl.int64) * tl.num_programs(0) + kid) * 2
         t_lo = tl.load(walk)
         t_hi = tl.load(walk + 1)
+    if MODE == 3:
         if kid < Ns:
             start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
             length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
@@ -294,17 +296,15 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
     else:
         start = (kid * BLOCK_N).to(tl.int64)
         length = BLOCK_N
-        if MODE == 0:
-            first = start
-            last = Tk
-        elif MODE == 1:
+        if MODE == 1:
             first = start
             last = start + BLOCK_N - 1 + window
-        else:
+        elif MODE == 2:
             first = tl.load(KEND + b.to(tl.int64) * Nk + start, mask=start < Nk, other=2147483647).to(tl.int64)
             last = Tk
-        t_lo = (tl.maximum(first - off, 0) // BLOCK_T).to(tl.int32)
-        t_hi = tl.minimum(tl.cdiv(tl.maximum(last - off, 0), BLOCK_T), n_tiles).to(tl.int32)
+        if MODE != 0:  # DENSE walks its list (above)
+            t_lo = (tl.maximum(first - off, 0) // BLOCK_T).to(tl.int32)
+            t_hi = tl.minimum(tl.cdiv(tl.maximum(last - off, 0), BLOCK_T), n_tiles).to(tl.int32)
         if SPLIT:
             t_lo = tl.maximum(t_lo, tl.program_id(2) * split)
             t_hi = tl.minimum(t_hi, tl.program_id(2) * split + split)
@@ -321,6 +321,8 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         if MODE == 3:
             listed = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < tl.where(kid < Ns, t_hi, 0), other=n_tiles)
             tile = tl.where(kid < Ns, listed, tl.where(e < t_hi, e, n_tiles))
+        elif MODE == 0:
+            tile = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < t_hi, other=n_tiles)
         else:
             tile = tl.where(e < t_hi, e, n_tiles)
         _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D,
@@ -635,6 +637,8 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     else:
         pos = walk = torch.zeros(1, dtype=torch.int32, device=q.device)
         n_keys = triton.cdiv(Nk, plan.block_n)
+        if plan.mode == DENSE:
+            pos, walk = _dense_walk(plan.need, plan.tk, meta["BLOCK_T"], plan.block_n, n_keys, Hkv)
         if plan.mode == COMPRESSED:
             splits = compressed_dkdv_splits(n_tiles, B * Hkv * Nk * (D + v.shape[-1]) * 4)
     split = triton.cdiv(n_tiles, splits)
@@ -658,6 +662,24 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     if splits > 1:  # a fixed-order sum: deterministic
         dk += dk_.sum(0)
         dv += dv_.sum(0)
+
+
+def _dense_walk(need, Tk: int, BLOCK_T: int, BLOCK_N: int, n_keys: int, Hkv: int):
+    """What the DENSE mode's dk/dv walks (its rows are text queries, often a few among a long video): pos int32
+    [B·Hkv, tiles] the query tiles of ``BLOCK_T`` positions holding needed rows, ascending (then the tile count as
+    padding), and walk int32 [B·Hkv, n_keys, 2] per key block of ``BLOCK_N`` keys the (first, end) entries of pos
+    from the first tile that can see it (walking every later tile instead took ~0.25 s per backward at 128K with a
+    prompt around the video; H100, BENCHMARKS.md thirteenth session)."""
+    B, Tq = need.shape
+    n_tiles = triton.cdiv(Tq, BLOCK_T)
+    has = torch.nn.functional.pad(need.bool(), (0, n_tiles * BLOCK_T - Tq)).view(B, n_tiles, BLOCK_T).any(-1)
+    idx = torch.arange(n_tiles, device=need.device)
+    tiles = torch.where(has, idx, n_tiles).sort(-1).values.contiguous()
+    first = ((torch.arange(n_keys, device=need.device) * BLOCK_N - (Tk - Tq)).clamp_min(0) // BLOCK_T)
+    lo = torch.searchsorted(tiles, first.expand(B, n_keys).contiguous())
+    walk = torch.stack([lo, has.sum(-1, keepdim=True).expand(B, n_keys)], -1)
+    return (tiles.repeat_interleave(Hkv, 0).to(torch.int32).contiguous(),
+            walk.repeat_interleave(Hkv, 0).to(torch.int32).contiguous())
 
 
 # Selection dk/dv, fastest first: rows per step of a block's walk over the positions that read it (several

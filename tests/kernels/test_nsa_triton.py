@@ -576,3 +576,27 @@ def test_compressed_keys_are_padded_to_a_multiple_of_16():
     assert Nc % 16 and k_cmp.shape[2] == v_cmp.shape[2] == plan.kend.shape[1] == -(-Nc // 16) * 16
     assert bool((plan.kend[:, Nc:] == 2**31 - 1).all()) and bool((plan.kend[:, :Nc] < 2**31 - 1).any())
     assert k_cmp[:, :, Nc:].abs().sum() == 0 and v_cmp[:, :, Nc:].abs().sum() == 0
+
+
+def test_dense_walk_lists_the_text_tiles_that_see_each_key_block():
+    """`_dense_walk`: for every key block, the entries first … end−1 of the tile list are exactly the query tiles
+    that hold a text row and are not wholly before the block (brute force over tiles)."""
+    from nsa_compile.kernels.segment_attention import _dense_walk
+
+    B, Hkv, Tq, Tk, BLOCK_T, BLOCK_N = 2, 2, 70, 90, 4, 8
+    need = torch.zeros(B, Tq, dtype=torch.int8)
+    need[0, :5] = 1
+    need[0, 33] = 1
+    need[0, 66:] = 1
+    need[1, 40:42] = 1
+    n_keys = -(-Tk // BLOCK_N)
+    pos, walk = _dense_walk(need, Tk, BLOCK_T, BLOCK_N, n_keys, Hkv)
+    n_tiles = -(-Tq // BLOCK_T)
+    assert pos.shape == (B * Hkv, n_tiles) and walk.shape == (B * Hkv, n_keys, 2)
+    for bh in range(B * Hkv):
+        b = bh // Hkv
+        for kid in range(n_keys):
+            want = [t for t in range(n_tiles) if need[b, t * BLOCK_T:(t + 1) * BLOCK_T].any()
+                    and (t + 1) * BLOCK_T - 1 + Tk - Tq >= kid * BLOCK_N]
+            lo, hi = walk[bh, kid].tolist()
+            assert pos[bh, lo:hi].tolist() == want, (bh, kid)
