@@ -362,19 +362,32 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dgates = torch.zeros(g.shape, dtype=torch.float32, device=q.device)
     vq = video_q[:, None, :]
+    # Text rows' pass (dense: few rows, each over every key, so a few long programs) runs on CUDA on the side stream
+    # beside the video rows' passes, which write other rows of dq; its dk/dv, added to the same dk, dv as theirs,
+    # follows the join (a 16-token text before a 128K video and a 48-token prompt after it: see BENCHMARKS.md,
+    # thirteenth session).
+    side = text_rows = None
+    if "dense" in branches and len(branches) > 1 and q.is_cuda:
+        main = torch.cuda.current_stream(q.device)
+        side = _side_stream(q.device)
+        side.wait_stream(main)
     for name in ORDER:
         if name not in branches:
             continue
         plan, kk, vv = branches[name]
-        lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq)
+        on_side = name == "dense" and side is not None
+        with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
+            lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq)
+            if plan.gate >= 0:
+                dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
+                delta = torch.where(vq, rowd * g[..., plan.gate], 0.0).contiguous()
+            else:
+                delta = torch.where(vq, 0.0, rowd).contiguous()
+        if on_side:
+            text_rows = (plan, kk, vv, lse, delta)
+            continue
         if name == "compression":
             _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
-        if plan.gate >= 0:
-            dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
-            delta = torch.where(vq, rowd * g[..., plan.gate], 0.0).contiguous()
-        else:
-            delta = torch.where(vq, 0.0, rowd).contiguous()
-        if name == "compression":
             dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
                 vv.shape, dtype=torch.float32, device=q.device)
             segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dkc, dvc)
@@ -383,5 +396,11 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
             dv += _unpool(dvc[:, :, :Nc], layout, Tk, block_size, block_stride)
         else:
             segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dk, dv)
+    if text_rows is not None:
+        main.wait_stream(side)
+        plan, kk, vv, lse, delta = text_rows
+        lse.record_stream(main)  # allocated on the side stream, read on the caller's
+        delta.record_stream(main)
+        segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dk, dv)
     return (dq[..., :D].to(dtypes[0]), dk[..., :D].to(dtypes[1]), dv[..., :Dv].to(dtypes[2]),
             dgates.to(dtypes[3]))

@@ -340,9 +340,10 @@ def test_triton_gpu_against_reference(dtype, case):
 
 @pytest.mark.gpu
 def test_text_rows_on_a_side_stream_are_repeatable_on_gpu():
-    """The forward's dense launch (text rows) runs on a side stream beside the video rows' launches and the forward
-    joins the streams before it returns: a text prompt after a video must come out the same in every run, bit for
-    bit, also when a kernel on the caller's stream reads the output at once, and match the reference."""
+    """The dense launch (text rows) of the forward, and the backward's pass over them, run on a side stream beside
+    the video rows' launches, joined before the results are used: a text prompt after a video must come out the
+    same in every run, bit for bit (output and gradients), also when a kernel on the caller's stream reads them at
+    once, and the text rows match the reference."""
     from nsa_compile import NSAConfig
     from nsa_compile.kernels import nsa_attention
 
@@ -358,6 +359,15 @@ def test_text_rows_on_a_side_stream_are_repeatable_on_gpu():
                         cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
     text = ~vm[0]
     assert rel(first[:, :, text].float(), ref[:, :, text]) <= 1e-2
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+    go = torch.randn_like(first)
+    grads = lambda: [g_ * 1 for g_ in torch.autograd.grad(nsa_attention(*inputs, vm, cfg), inputs, go)]  # noqa: E731
+    g0 = grads()
+    assert sum(int(not all(map(torch.equal, grads(), g0))) for _ in range(10)) == 0
+    ref_in = [x.float().requires_grad_() for x in (q, k, v, gates)]
+    nsa_reference(*ref_in, vm, None, None, cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n,
+                  cfg.window_size).backward(go.float())
+    assert rel(g0[0][:, :, text].float(), ref_in[0].grad[:, :, text]) <= 1e-2  # text rows: dense attention only
 
 
 def check_chunk(out, selected, q, k, v, gates, vm, c0, c1, scale, params, tie=1e-2):
