@@ -500,33 +500,44 @@ def test_key_padding_masks_reach_the_kernels():
         assert key_padding(m, B, T, T) is None
 
 
-@pytest.mark.parametrize("D", [32, 256])
-def test_topn_kernel_loops_over_many_overlapping_compression_blocks(D):
-    """`select_topn` with stride 1, where each selection block overlaps l′ + l − 1 compression blocks (a long
-    run-time loop in the kernel; it once unrolled it and ran out of shared memory at head dim 256 on the H100),
-    against `select_block_ids` of the reference's compression probabilities (fp32, interpreter or GPU)."""
+def topn_against_reference(q, k, v, vm, l, d, ls, n):
+    """(run, ref, layout) for queries q [B, Hq, T, D] over keys k, v [B, Hkv, T, D] (one device) with video mask vm:
+    ``run(geometry=None)`` is `select_topn` on the compression log-sum-exp computed by torch (fp32), ``ref`` the
+    reference's ids (`select_block_ids` of `compression_reference`'s probabilities), −1 on text rows."""
     from nsa_compile.kernels.common import video_layout
     from nsa_compile.kernels.compression import compress_kv, compression_reference
     from nsa_compile.kernels.segment_attention import select_topn
     from nsa_compile.kernels.selection import select_block_ids
 
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    scale = D ** -0.5
+    layout = video_layout(vm, T, l, d, ls)
+    k_cmp, _ = compress_kv(k, v, layout)
+    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
+    pos = torch.arange(T, device=q.device)
+    s = torch.einsum("bhtd,bhcd->bhtc", q, k_cmp.repeat_interleave(Hq // Hkv, 1)) * scale
+    lse = torch.where(kend[:, None, None, :] <= pos[None, None, :, None], s, float("-inf")).logsumexp(-1)
+    need = vm.to(torch.int8).contiguous()
+    args = (q, k_cmp.contiguous(), lse.float().contiguous(), kend, layout, need, n, scale)
+    _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, T, D), k, v, layout, scale)
+    ref = torch.where(vm[:, None, :, None], select_block_ids(p, layout, pos, n), -1)
+    return (lambda geometry=None: select_topn(*args, geometry)), ref, layout
+
+
+@pytest.mark.parametrize("D", [32, 256])
+def test_topn_kernel_loops_over_many_overlapping_compression_blocks(D):
+    """`select_topn` with stride 1, where each selection block overlaps l′ + l − 1 compression blocks (a long
+    run-time loop in the kernel; it once unrolled it and ran out of shared memory at head dim 256 on the H100),
+    against `select_block_ids` of the reference's compression probabilities (fp32, interpreter or GPU)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hq, Hkv, T, (l, d, ls, n) = 1, 4, 2, 40, (8, 1, 8, 3)
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(B, h, T, D, generator=g).to(device) for h in (Hq, Hkv, Hkv))
     vm = torch.ones(B, T, dtype=torch.bool, device=device)
     vm[:, :3] = False
-    scale = D ** -0.5
-    layout = video_layout(vm, T, l, d, ls)
-    k_cmp, _ = compress_kv(k, v, layout)
-    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
-    pos = torch.arange(T, device=device)
-    s = torch.einsum("bhtd,bhcd->bhtc", q, k_cmp.repeat_interleave(Hq // Hkv, 1)) * scale
-    lse = torch.where(kend[:, None, None, :] <= pos[None, None, :, None], s, float("-inf")).logsumexp(-1)
-    need = vm.to(torch.int8).contiguous()
-    ours = select_topn(q, k_cmp.contiguous(), lse.float().contiguous(), kend, layout, need, n, scale)
-    _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, T, D), k, v, layout, scale)
-    ref = torch.where(vm[:, None, :, None], select_block_ids(p, layout, pos, n), -1)
+    run, ref, layout = topn_against_reference(q, k, v, vm, l, d, ls, n)
+    ours = run()
     assert ours.shape == ref.shape
     assert int((layout.cmp_block_end[0, 1:] - layout.cmp_block_start[0, 1:]).min()) == l - 1  # stride 1
     assert torch.equal(ours.long().sort(-1).values, ref.sort(-1).values)
@@ -537,9 +548,7 @@ def test_topn_kernel_reads_coinciding_blocks_directly():
     l′, as ``videonsa``), `select_topn` skips the block-band tables (``identity``); its ids equal those of the
     general path and of the reference. A span with a partial block turns it off."""
     from nsa_compile.kernels.common import video_layout
-    from nsa_compile.kernels.compression import compress_kv, compression_reference
-    from nsa_compile.kernels.segment_attention import select_topn, topn_geometry
-    from nsa_compile.kernels.selection import select_block_ids
+    from nsa_compile.kernels.segment_attention import topn_geometry
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     B, Hq, Hkv, T, D, l, n = 2, 6, 2, 72, 16, 8, 3
@@ -552,21 +561,10 @@ def test_topn_kernel_reads_coinciding_blocks_directly():
     partial = vm.clone()
     partial[1, 24:28] = True  # a span of 28 tokens: its last selection block has no compression block
     assert not topn_geometry(video_layout(partial, T, l, l, l), T).identity
-    scale = D ** -0.5
-    layout = video_layout(vm, T, l, l, l)
+    run, ref, layout = topn_against_reference(q, k, v, vm, l, l, l, n)
     geo = topn_geometry(layout, T)
     assert geo.identity and geo.W == 1
-    k_cmp, _ = compress_kv(k, v, layout)
-    kend = layout.cmp_block_end.clamp(max=2**31 - 1).to(torch.int32).contiguous()
-    pos = torch.arange(T, device=device)
-    s = torch.einsum("bhtd,bhcd->bhtc", q, k_cmp.repeat_interleave(Hq // Hkv, 1)) * scale
-    lse = torch.where(kend[:, None, None, :] <= pos[None, None, :, None], s, float("-inf")).logsumexp(-1)
-    need = vm.to(torch.int8).contiguous()
-    args = (q, k_cmp.contiguous(), lse.float().contiguous(), kend, layout, need, n, scale)
-    direct = select_topn(*args, geo)
-    banded = select_topn(*args, geo._replace(identity=False))
-    _, p = compression_reference(q.reshape(B, Hkv, Hq // Hkv, T, D), k, v, layout, scale)
-    ref = torch.where(vm[:, None, :, None], select_block_ids(p, layout, pos, n), -1)
+    direct, banded = run(geo), run(geo._replace(identity=False))
     assert (direct >= 0).sum() > B * Hkv * 40  # most video rows have n candidates
     assert torch.equal(direct, banded)
     assert torch.equal(direct.long().sort(-1).values, ref.sort(-1).values)
