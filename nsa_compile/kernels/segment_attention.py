@@ -487,8 +487,8 @@ class TopnGeometry(NamedTuple):
     """What `select_topn` needs of the layout, the same for every head and layer of a call: int32 [B, Ns] first
     compression block overlapping each selection block and their count, the largest count ``W`` (a host value),
     int32 [B, Tq] the candidates of each query (the blocks ending before its own block), and ``identity`` (a host
-    value): every selection block is compression block of the same index, alone (compression and selection blocks
-    coincide, as in the ``videonsa`` preset)."""
+    value): every selection block is the compression block of the same index, alone (compression and selection
+    blocks coincide: the ``videonsa`` preset on video spans of whole blocks)."""
 
     first: torch.Tensor
     width: torch.Tensor
@@ -838,8 +838,8 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
     exactly as `selection.select_block_ids` (int32 keys: the score's float bits above ID_BITS, the block id
     below); per chunk of BLOCK_S = 2**LOG_S blocks the chunk's keys are sorted and merged into the running top
     BLOCK_S (one half-cleaner and a bitonic merge: about half the compare-and-swap work of sorting both).
-    OUT int32 [B, HKV, Tq, BLOCK_S] gets the ids (−1 past the candidates; the caller keeps the first n columns); each tile's rows of it are also the
-    scratch through which every chunk's keys pass before their sort (below)."""
+    OUT int32 [B, HKV, Tq, BLOCK_S] gets the ids (−1 past the candidates; the caller keeps the first n columns);
+    each tile's rows of it are also the scratch through which every chunk's keys pass before their sort (below)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
                                                BLOCK_T, D, 1)
@@ -852,7 +852,7 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
     ncand = tl.load(NCAND + b.to(tl.int64) * Tq + tr, mask=tr < Tq, other=0)
     sj = tl.arange(0, BLOCK_S)
     out = OUT + ((b * HKV + hkv).to(tl.int64) * Tq + tr)[:, None] * BLOCK_S + sj[None, :]
-    out_ok = (tr < Tq)[:, None] & (sj < BLOCK_S)[None, :]
+    out_ok = (tr < Tq)[:, None] & (sj < BLOCK_S)[None, :]  # [BLOCK_T, BLOCK_S]: the tile's rows within Tq
     best = tl.full([BLOCK_T, BLOCK_S], -1, tl.int32)
     low = (1 << ID_BITS) - 1
     for ch in range(0, tl.cdiv(tl.max(ncand, axis=0), BLOCK_S)):
@@ -876,11 +876,11 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
             score += tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_S)), axis=1)
         key = ((tl.maximum(score, 0.0).to(tl.int32, bitcast=True) >> ID_BITS) << ID_BITS) + (low - j)[None, :]
         key = tl.where(j[None, :] < ncand[:, None], key, -1)
-        # The keys leave the layout of the dot and the head sum through global memory (the tile's own rows of OUT,
-        # in L1) for the layout a load gives, before the sort: sorting in the dot's layout issued ~2.5× the
-        # instructions (H100 at 128K, shape A: 20.9 → 12.0 ms for the 4 KV heads; BENCHMARKS.md, thirteenth
-        # session). The chunk loop holds the W loop, so Triton does not software-pipeline it: the load stays after
-        # the store and the barrier.
+        # The keys leave the register layout of the dot and the head sum through global memory (the tile's own rows
+        # of OUT, in L1) for the layout a load gives, before the sort: in the dot's layout the sort and merge issued
+        # ~4× the instructions (Nsight Compute; the kernel 20.9 → 12.0 ms for the 4 KV heads of shape A at 128K on
+        # an H100, BENCHMARKS.md thirteenth session). The chunk loop holds the W loop, so Triton does not
+        # software-pipeline it: the load stays after the store and the barrier.
         tl.store(out, key, mask=out_ok)
         tl.debug_barrier()
         key = tl.load(out, mask=out_ok, other=-1)
