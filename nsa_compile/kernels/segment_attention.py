@@ -879,8 +879,9 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
         # The keys leave the register layout of the dot and the head sum through global memory (the tile's own rows
         # of OUT, in L1) for the layout a load gives, before the sort: in the dot's layout the sort and merge issued
         # ~4× the instructions (Nsight Compute; the kernel 20.9 → 12.0 ms for the 4 KV heads of shape A at 128K on
-        # an H100, BENCHMARKS.md thirteenth session). The chunk loop holds the W loop, so Triton does not
-        # software-pipeline it: the load stays after the store and the barrier.
+        # an H100, BENCHMARKS.md thirteenth session). Triton 3.6 does not move the load ahead of the store (its
+        # software pipelining prefetches loads that feed a dot): the ids equal the old kernel's bit for bit at 128K
+        # and the GPU tests pass; stale keys would change the ids, which the tests against the reference catch.
         tl.store(out, key, mask=out_ok)
         tl.debug_barrier()
         key = tl.load(out, mask=out_ok, other=-1)
