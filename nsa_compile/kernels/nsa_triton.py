@@ -25,8 +25,9 @@ from torch import Tensor
 from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
-                                WINDOW, SegmentPlan, TopnGeometry, segment_attention_bwd, segment_attention_fwd,
-                                select_topn, selection_fwd, topn_geometry)
+                                SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan, TopnGeometry,
+                                segment_attention_bwd, segment_attention_fwd, select_topn, selection_fwd,
+                                topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 
@@ -234,7 +235,8 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     csr = B * Hkv * Tq * (top_n + 1) * 5 * 4  # the selection's position lists: ids, sorted ids, order (int64), pos
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
-    return pad * 2 + grads + rows + sel + layout + max(csr, B * Hq * Tq * 3 * 4, partial)
+    text = SELECTION_TEXT_PARTIAL_BYTES  # at most: the selection's partial dk/dv of text keys
+    return pad * 2 + grads + rows + sel + layout + text + max(csr, B * Hq * Tq * 3 * 4, partial)
 
 
 def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_size: int, backward: bool) -> None:

@@ -263,16 +263,18 @@ def _segment_kv(K, V, b, hkv, start, length, Nk, skb, skh, skt, svb, svh, svt, B
 
 
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, NEED, KVALID, WALK, POS,
+def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, NEED, KVALID, WALK, POS, TDK, TDV,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-              Tq, Tk, Nk, Ns, n_txt, n_tiles, n_pos, window, scale, split,
+              Tq, Tk, Nk, Ns, n_txt, n_pieces, n_tiles, n_pos, window, scale, split,
               G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
               D: tl.constexpr, DV: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr,
               HAS_KMASK: tl.constexpr, RT: tl.constexpr, SPLIT: tl.constexpr):
     """DK, DV += one branch's gradient of one key segment (program kid, bh), walking the query rows that read it,
     ``RT`` tiles per step. SELECTION mode (``BLOCK_T`` = 1: a tile is one position): WALK int32 [B·Hkv, Ns + n_txt,
     2] = (first, end) from `_selection_walk`: for selection block kid < Ns the positions POS[bh, first:end] that
-    selected it or own it, for text chunk kid − Ns the positions first … end−1. DENSE mode (text rows): key block
+    selected it or own it, for piece j of text chunk i (kid = Ns + i·n_pieces + j) the positions first … end−1,
+    whose partial sums go to TDK, TDV (fp32 [B·Hkv, n_txt·n_pieces, BLOCK_N, ·], zeroed and summed by the host:
+    every video position reads a prompt's text keys, too long a walk for one program). DENSE mode (text rows): key block
     kid and the query tiles POS[bh, first:end] (WALK [B·Hkv, key blocks, 2], `_dense_walk`): those holding text rows
     from the first that sees the block on. Other modes: key block kid and the contiguous range of query tiles that
     see it; SPLIT: program (kid, bh, s) walks only tiles [s·split, (s+1)·split) and stores its partial sums in slice
@@ -291,8 +293,9 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
             start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
             length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
         else:
-            start = tl.load(TXT + (b * n_txt + kid - Ns) * 2).to(tl.int64)
-            length = tl.load(TXT + (b * n_txt + kid - Ns) * 2 + 1)
+            txt = (kid - Ns) // n_pieces
+            start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
+            length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
     else:
         start = (kid * BLOCK_N).to(tl.int64)
         length = BLOCK_N
@@ -348,6 +351,10 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
     kv_off = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * Nk
     pk = DK + (kv_off + c)[:, None] * D + d[None, :]
     pv = DV_ + (kv_off + c)[:, None] * DV + dv[None, :]
+    if MODE == 3:  # a piece of a text chunk's readers: its own slice of TDK, TDV (zeros: the sum below adds none)
+        tp = (bh.to(tl.int64) * (tl.num_programs(0) - Ns) + kid - Ns) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pk = tl.where(kid >= Ns, TDK + tp[:, None] * D + d[None, :], pk)
+        pv = tl.where(kid >= Ns, TDV + tp[:, None] * DV + dv[None, :], pv)
     dk = dk * scale
     if not SPLIT:
         dk += tl.load(pk, mask=c_ok[:, None], other=0.0)
@@ -628,9 +635,20 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     # (RT, launch options); other modes than selection: 8 warps (compression dk/dv at 128K, H100, tenth session:
     # 13.0 against 14.9 ms per KV head for shape B, 6.3 against 8.2 for A)
     configs = ((1, dict(num_warps=8, num_stages=1)),)
+    n_pieces = 1
+    tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
     if plan.mode == SELECTION:
-        pos, walk = _selection_walk(plan, Tq, Hkv)
+        n_txt = plan.text.shape[1]
+        per_piece = B * Hkv * n_txt * plan.block_n * (D + v.shape[-1]) * 4
+        piece = triton.cdiv(Tq, max(1, min(triton.cdiv(Tq, SELECTION_TEXT_PIECE),
+                                           SELECTION_TEXT_PARTIAL_BYTES // max(1, per_piece))))
+        n_pieces = triton.cdiv(Tq, piece)
+        pos, walk = _selection_walk(plan, Tq, Hkv, piece)
         n_keys = walk.shape[1]
+        if n_txt:
+            tdk = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, D, dtype=torch.float32, device=q.device)
+            tdv = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, v.shape[-1], dtype=torch.float32,
+                              device=q.device)
         shape = (q.dtype, D, v.shape[-1], plan.block_n, meta["GP"])
         configs = tuple((max(1, rows // meta["GP"]), opts) for rows, opts in SELECTION_DKDV_CONFIGS)
         configs = configs[_dkdv_config.get(shape, 0):]
@@ -649,9 +667,10 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
         try:
             _bwd_dkdv[(n_keys, B * Hkv, splits)](q, k, v, grad_out, gates, lse, delta, dk_, dv_, tables["kend"],
                                                  tables["text"], tables["block_start"], tables["block_len"],
-                                                 tables["need"], tables["key_valid"], walk, pos, *strides, *sizes,
-                                                 n_tiles, pos.shape[-1], plan.window, scale, split, **meta, RT=rt,
-                                                 SPLIT=splits > 1, **options)
+                                                 tables["need"], tables["key_valid"], walk, pos, tdk, tdv, *strides,
+                                                 *sizes, n_pieces, n_tiles, pos.shape[-1],
+                                                 plan.window, scale, split, **meta, RT=rt, SPLIT=splits > 1,
+                                                 **options)
         except OutOfResources:  # raised before the launch: nothing was written; the next configuration is smaller
             if i + 1 == len(configs):
                 raise
@@ -662,6 +681,23 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     if splits > 1:  # a fixed-order sum: deterministic
         dk += dk_.sum(0)
         dv += dv_.sum(0)
+    if tdk.dim() > 1:
+        _add_text_partials(dk, dv, tdk, tdv, plan.text, n_pieces)
+
+
+def _add_text_partials(dk, dv, tdk, tdv, text, n_pieces: int) -> None:
+    """dk, dv [B, Hkv, Tk, ·] += the selection branch's gradient of its text keys: the partial sums of each text
+    chunk's pieces (tdk, tdv [B·Hkv, n_txt·n_pieces, BLOCK_N, ·] from `_bwd_dkdv`) summed in a fixed order and added
+    at the chunk's keys (text int32 [B, n_txt, 2] = (start, length); chunks do not overlap, so every key gets one
+    sum)."""
+    B, Hkv = dk.shape[:2]
+    n_txt, block_n = text.shape[1], tdk.shape[2]
+    n = torch.arange(block_n, device=dk.device)
+    bi, ti, ni = (n[None, None, :] < text[..., 1:2]).nonzero(as_tuple=True)
+    keys = text[bi, ti, 0].long() + ni
+    for grad, part in ((dk, tdk), (dv, tdv)):
+        s = part.view(B, Hkv, n_txt, n_pieces, block_n, part.shape[-1]).sum(3)
+        grad[bi, :, keys] += s[bi, :, ti, ni]
 
 
 def _dense_walk(need, Tk: int, BLOCK_T: int, BLOCK_N: int, n_keys: int, Hkv: int):
@@ -691,6 +727,10 @@ def _dense_walk(need, Tk: int, BLOCK_T: int, BLOCK_N: int, n_keys: int, Hkv: int
 SELECTION_DKDV_CONFIGS = ((128, dict(num_warps=8, num_stages=2)), (64, dict(num_warps=4, num_stages=1)),
                           (32, dict(num_warps=4, num_stages=1)), (16, dict(num_warps=4, num_stages=1)))
 _dkdv_config: dict = {}
+# Selection dk/dv of text keys: every video position after a text chunk reads it, so its walk is cut in pieces of
+# at least this many positions, each with its own partial dk/dv (at most this many bytes for all of them).
+SELECTION_TEXT_PIECE = 1024
+SELECTION_TEXT_PARTIAL_BYTES = 64 << 20
 # Compression dk/dv: the few compressed keys are each read by every later query, so one program per key block
 # would walk up to all query tiles alone (the backward's long pole at long context); the walk is split in chunks of
 # at least this many tiles, with at most COMPRESSED_SPLIT_BYTES of fp32 partial sums.
@@ -742,10 +782,11 @@ def _selection_lists(plan: SegmentPlan, Tq: int, Hkv: int, chunk: int, text_piec
     return order.to(torch.int32), walk
 
 
-def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int):
+def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int, text_piece: int):
     """`_selection_lists` in one chunk, as `_bwd_dkdv` reads it: pos int32 [B·Hkv, Tq·(n+1)], the positions that
-    selected or own each selection block, and walk int32 [B·Hkv, Ns + n_txt, 2]."""
-    entries, walk = _selection_lists(plan, Tq, Hkv, Tq)
+    selected or own each selection block, and walk int32 [B·Hkv, Ns + n_txt·pieces, 2] (each text chunk's readers
+    in runs of ``text_piece`` positions)."""
+    entries, walk = _selection_lists(plan, Tq, Hkv, Tq, text_piece=text_piece)
     return (entries // (plan.selected.shape[-1] + 1)).contiguous(), walk[0]
 
 

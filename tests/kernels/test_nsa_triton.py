@@ -179,10 +179,12 @@ def test_gradients_with_keys_of_a_large_common_mean():
         check(g, r, 1e-2, name)
 
 
-def test_selection_walk_lists_every_reader_of_a_key_segment_once():
+@pytest.mark.parametrize("piece", [20, 3])
+def test_selection_walk_lists_every_reader_of_a_key_segment_once(piece):
     """`_selection_walk`'s lists for the selection branch's dk/dv (`_bwd_dkdv`): every (KV head, selection block,
-    position that selected or owns it) once, every (text chunk, position from its first key on) once; a pair
-    listed twice would count its gradient twice, one left out would lose it."""
+    position that selected or owns it) once, every (text chunk, position from its first key on) once, also when a
+    text chunk's readers are cut in pieces of ``piece`` positions; a pair listed twice would count its gradient
+    twice, one left out would lose it."""
     from nsa_compile.kernels import nsa_triton as nt
     from nsa_compile.kernels.segment_attention import _selection_walk
 
@@ -204,12 +206,14 @@ def test_selection_walk_lists_every_reader_of_a_key_segment_once():
             for i, (start, length) in enumerate(plan.text[b].tolist()):
                 if length:
                     expected += [(b * Hkv + h, Ns + i, t) for t in range(max(start - off, 0), Tq)]
-    pos, walk = _selection_walk(plan, Tq, Hkv)
+    pos, walk = _selection_walk(plan, Tq, Hkv, piece)
+    pieces = -(-Tq // piece)
+    assert walk.shape[1] == Ns + plan.text.shape[1] * pieces
     got = []
     for bh in range(B * Hkv):
         for kid, (first, end) in enumerate(walk[bh].tolist()):
             ts = pos[bh, first:end].tolist() if kid < Ns else range(first, end)
-            got += [(bh, kid, t) for t in ts]
+            got += [(bh, kid if kid < Ns else Ns + (kid - Ns) // pieces, t) for t in ts]
     assert any(kid >= Ns for _, kid, _ in expected)  # the case has text chunks
     assert sorted(got) == sorted(expected)
 
@@ -608,3 +612,20 @@ def test_dense_walk_lists_the_text_tiles_that_see_each_key_block():
                     and (t + 1) * BLOCK_T - 1 + Tk - Tq >= kid * BLOCK_N]
             lo, hi = walk[bh, kid].tolist()
             assert pos[bh, lo:hi].tolist() == want, (bh, kid)
+
+
+def test_selection_dkdv_of_text_keys_in_pieces_equals_the_reference(monkeypatch):
+    """The selection branch's dk/dv of text keys walks each text chunk's readers in pieces with partial sums
+    (`segment_attention.SELECTION_TEXT_PIECE` positions at least), summed by `_add_text_partials`: with pieces of
+    4 positions the gradients still equal the fp64 reference's (fp32, 1e-5)."""
+    from nsa_compile.kernels import segment_attention as sa
+
+    monkeypatch.setattr(sa, "SELECTION_TEXT_PIECE", 4)
+    used = []
+    real = sa._add_text_partials
+    monkeypatch.setattr(sa, "_add_text_partials", lambda *a: used.append(a[-1]) or real(*a))
+    out, ref, grads, ref_grads = run_both("B1-HQ4-H4-T56-group1-text-gaps", torch.float32, seed=6)
+    assert used and max(used) > 1  # the text chunks' walks were cut in several pieces
+    check(out, ref, 1e-5, "out")
+    for name, g_, r in zip("qkvg", grads, ref_grads):
+        check(g_, r, 1e-5, name)
