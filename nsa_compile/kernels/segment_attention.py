@@ -632,9 +632,7 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     Hkv, Nk = k.shape[1], k.shape[2]
     n_tiles = grid[0]
     splits = 1
-    # (RT, launch options); other modes than selection: 8 warps (compression dk/dv at 128K, H100, tenth session:
-    # 13.0 against 14.9 ms per KV head for shape B, 6.3 against 8.2 for A)
-    configs = ((1, dict(num_warps=8, num_stages=1)),)
+    configs = (DKDV_LAUNCH,)
     n_pieces = 1
     tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
     if plan.mode == SELECTION:
@@ -654,7 +652,7 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
         configs = configs[_dkdv_config.get(shape, 0):]
     else:
         pos = walk = torch.zeros(1, dtype=torch.int32, device=q.device)
-        n_keys = triton.cdiv(Nk, plan.block_n)
+        n_keys = triton.cdiv(Nk, meta["BLOCK_N"])
         if plan.mode == DENSE:
             pos, walk = _dense_walk(plan.need, plan.tk, meta["BLOCK_T"], plan.block_n, n_keys, Hkv)
         if plan.mode == COMPRESSED:
@@ -727,6 +725,9 @@ def _dense_walk(need, Tk: int, BLOCK_T: int, BLOCK_N: int, n_keys: int, Hkv: int
 SELECTION_DKDV_CONFIGS = ((128, dict(num_warps=8, num_stages=2)), (64, dict(num_warps=4, num_stages=1)),
                           (32, dict(num_warps=4, num_stages=1)), (16, dict(num_warps=4, num_stages=1)))
 _dkdv_config: dict = {}
+# (RT, launch options) of the dk/dv launch of the other modes than selection: 8 warps (compression dk/dv at 128K,
+# H100, tenth session: 13.0 against 14.9 ms per KV head for shape B, 6.3 against 8.2 for A)
+DKDV_LAUNCH = (1, dict(num_warps=8, num_stages=1))
 # Selection dk/dv of text keys: every video position after a text chunk reads it, so its walk is cut in pieces of
 # at least this many positions, each with its own partial dk/dv (at most this many bytes for all of them).
 SELECTION_TEXT_PIECE = 1024
