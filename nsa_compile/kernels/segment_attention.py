@@ -481,9 +481,9 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
 # -------------------------------------------------------------------------------------------------- host side
 def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE, halve: bool = False):
     """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
-    fp32, for shared memory; half that with ``halve``, which the top-n kernel asks for above head dim 128); the
-    selection mode takes 16 rows, as few positions as ``tl.dot`` allows, because every position reads its own
-    blocks."""
+    fp32, for shared memory; half that with ``halve``, which the top-n kernel asks for above head dim 128 and the
+    compression dk/dv for groups above 8); the selection mode takes 16 rows, as few positions as ``tl.dot`` allows,
+    because every position reads its own blocks."""
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
     rows = 16 if mode == SELECTION else (64 if dtype == torch.float32 else 128) // (2 if halve else 1)
@@ -555,7 +555,8 @@ def _launch_common(q, k, v, plan: SegmentPlan, by_position: bool = False):
     `_bwd_dkdv` launch, whose selection tiles are single positions."""
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode)
+    wide = by_position and plan.mode == COMPRESSED and Hq // Hkv > 8  # see DKDV_LAUNCH_WIDE_GROUP
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode, halve=wide)
     if by_position and plan.mode == SELECTION:
         BLOCK_T = 1
     tables, Ns, n_txt, nsel = plan.tables(q.device)
@@ -632,7 +633,7 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     Hkv, Nk = k.shape[1], k.shape[2]
     n_tiles = grid[0]
     splits = 1
-    configs = (DKDV_LAUNCH,)
+    configs = (DKDV_LAUNCH_WIDE_GROUP if plan.mode == COMPRESSED and meta["GP"] > 8 else DKDV_LAUNCH,)
     n_pieces = 1
     tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
     if plan.mode == SELECTION:
@@ -726,8 +727,11 @@ SELECTION_DKDV_CONFIGS = ((128, dict(num_warps=8, num_stages=2)), (64, dict(num_
                           (32, dict(num_warps=4, num_stages=1)), (16, dict(num_warps=4, num_stages=1)))
 _dkdv_config: dict = {}
 # (RT, launch options) of the dk/dv launch of the other modes than selection: 8 warps (compression dk/dv at 128K,
-# H100, tenth session: 13.0 against 14.9 ms per KV head for shape B, 6.3 against 8.2 for A)
+# H100, tenth session: 13.0 against 14.9 ms per KV head for shape B, 6.3 against 8.2 for A). Compression with a
+# group above 8 (shape B's 16 heads): 64 rows (`_launch_common`) on 4 warps, 47.5 against 51.4 ms for the 4 KV
+# heads at 128K; for A, 128 rows on 8 warps stays best (27.5 ms; 64 rows: 52.7; BENCHMARKS.md, fourteenth session).
 DKDV_LAUNCH = (1, dict(num_warps=8, num_stages=1))
+DKDV_LAUNCH_WIDE_GROUP = (1, dict(num_warps=4, num_stages=1))
 # Selection dk/dv of text keys: every video position after a text chunk reads it, so its walk is cut in pieces of
 # at least this many positions, each with its own partial dk/dv (at most this many bytes for all of them).
 SELECTION_TEXT_PIECE = 1024
