@@ -353,7 +353,8 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     _check_memory(q, k, v, top_n, selection_block_size, backward=True)
     D, Dv, dtypes = q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype, gates.dtype)
     q, k, v = _pad_head_dims(q, k, v)
-    go = F.pad(grad_out, (0, v.shape[-1] - Dv)).contiguous()
+    # F.pad copies even when it pads nothing: at 128K that was a copy of dO (shape A 896 MiB) held all backward
+    go = (grad_out if v.shape[-1] == Dv else F.pad(grad_out, (0, v.shape[-1] - Dv))).contiguous()
     B, Hq, Tq, _ = q.shape
     Tk = k.shape[2]
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
