@@ -482,8 +482,8 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
 def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE, halve: bool = False):
     """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
     fp32, for shared memory; half that with ``halve``, which the top-n kernel asks for above head dim 128 and the
-    compression dk/dv for groups above 8); the selection mode takes 16 rows, as few positions as ``tl.dot`` allows,
-    because every position reads its own blocks."""
+    compression branch for its backward's pass, and for its dk/dv with groups above 8); the selection mode takes
+    16 rows, as few positions as ``tl.dot`` allows, because every position reads its own blocks."""
     G = Hq // Hkv
     GP = triton.next_power_of_2(G)
     rows = 16 if mode == SELECTION else (64 if dtype == torch.float32 else 128) // (2 if halve else 1)
@@ -550,13 +550,12 @@ class SegmentPlan:
         return {name: pick(getattr(self, name)) for name in names}, Ns, n_txt, nsel
 
 
-def _launch_common(q, k, v, plan: SegmentPlan, by_position: bool = False):
+def _launch_common(q, k, v, plan: SegmentPlan, by_position: bool = False, halve: bool = False):
     """Tables, strides, sizes, constexprs and query-tile grid of a `_fwd` launch, or (``by_position``) of a
-    `_bwd_dkdv` launch, whose selection tiles are single positions."""
+    `_bwd_dkdv` launch, whose selection tiles are single positions; ``halve``: half the rows per tile."""
     B, Hq, Tq, D = q.shape
     Hkv, Nk, Dv = k.shape[1], k.shape[2], v.shape[-1]
-    wide = by_position and plan.mode == COMPRESSED and Hq // Hkv > 8  # see DKDV_LAUNCH_WIDE_GROUP
-    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode, halve=wide)
+    G, GP, BLOCK_T = _geometry(Hq, Hkv, q.dtype, plan.mode, halve=halve)
     if by_position and plan.mode == SELECTION:
         BLOCK_T = 1
     tables, Ns, n_txt, nsel = plan.tables(q.device)
@@ -575,12 +574,14 @@ def _launch_options(q, plan: SegmentPlan, bwd: bool, gp: int) -> dict:
     in the backward's pass (which keeps more registers per row). That pass keeps two fp32 [rows, D] sums: 8 warps for
     the 128-row tiles of the other modes, as for the window's forward (its band is short: 1.4 against 2.5 ms per KV
     head with 4 warps), and two stages in half precision up to head dim 128 (compression, tenth session: 7.4
-    against 8.2 ms per KV head for shape B, 4.0 against 4.2 for A)."""
+    against 8.2 ms per KV head for shape B, 4.0 against 4.2 for A). The compression branch's pass takes half the
+    rows (`segment_attention_fwd`) on 4 warps (fourteenth session, all 4 KV heads at 128K: B 27.1 against 30.2 ms,
+    A 14.1 against 15.9)."""
     if plan.mode == SELECTION:
         return dict(num_warps=2 if bwd else 4, num_stages=2)
     deep = q.dtype != torch.float32 and q.shape[-1] <= 128  # K/V tiles small enough for more pipeline stages
     if bwd:
-        return dict(num_warps=8, num_stages=2 if deep else 1)
+        return dict(num_warps=4 if plan.mode == COMPRESSED else 8, num_stages=2 if deep else 1)
     if plan.mode == COMPRESSED and gp >= 16 and deep:
         return dict(num_warps=8, num_stages=3)  # 16-head groups (shape B): 4.8 against 5.2 ms per KV head
     return dict(num_warps=8 if plan.mode == WINDOW else 4, num_stages=1 if q.dtype == torch.float32 else 2)
@@ -602,9 +603,9 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
     Returns:
         (lse fp32 [B, Hq, Tq], rowdot fp32 [B, Hq, Tq] or None); rows not needed hold NaN.
     """
-    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan)
-    B, Hq, Tq = q.shape[:3]
     bwd = grad_out is not None
+    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan, halve=bwd and plan.mode == COMPRESSED)
+    B, Hq, Tq = q.shape[:3]
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     rowd = torch.full_like(lse, float("nan")) if bwd else None
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
@@ -628,12 +629,13 @@ def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, pl
     accumulated in place: ``dk`` fp32 [B, Hkv, Nk, D], ``dv`` fp32 [B, Hkv, Nk, Dv] (contiguous) get the gradients
     of ``Σ gate·o``. ``lse`` from that pass and ``delta`` = ``Σ_d (gate·dO)·o`` per row (fp32 [B, Hq, Tq]);
     ``grad_out`` contiguous [B, Hq, Tq, Dv]."""
-    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan, by_position=True)
+    wide = plan.mode == COMPRESSED and q.shape[1] // k.shape[1] > 8  # see DKDV_LAUNCH_WIDE_GROUP
+    tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan, by_position=True, halve=wide)
     B, Hq, Tq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     n_tiles = grid[0]
     splits = 1
-    configs = (DKDV_LAUNCH_WIDE_GROUP if plan.mode == COMPRESSED and meta["GP"] > 8 else DKDV_LAUNCH,)
+    configs = (DKDV_LAUNCH_WIDE_GROUP if wide else DKDV_LAUNCH,)
     n_pieces = 1
     tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
     if plan.mode == SELECTION:
