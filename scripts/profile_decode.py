@@ -1,8 +1,9 @@
 """GPU time of each sparse-decode kernel at one cache length (torch.profiler), against dense SDPA decode; the
 op's wall time per call and where its host side goes (per part, per aten op, cProfile); then each kernel's time
-under launch variants (selection fused or in its own launch, with or without programmatic dependent launch, splits
-of the compression and attention kernels), each variant's output checked against the default's; last, how many of
-``--repeat-check`` runs differ bitwise from the first (the hand-over between programs and kernels).
+under launch variants (the selection spread over the compression programs, in their last one or in its own
+launch; with or without programmatic dependent launch; splits of the compression and attention kernels), each
+variant's output checked against the default's; last, how many of ``--repeat-check`` runs differ bitwise from the
+first (the hand-over between programs and kernels).
 
     python scripts/profile_decode.py [--tokens 131072]   # on a GPU machine
 
@@ -144,11 +145,14 @@ def main() -> None:
     torch.cuda.synchronize()
     prof.disable()
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
-    # Launch variants: the selection in the compression kernel's last program per row (default) or in its own
-    # launch; programmatic dependent launch (default on sm_90) or not; programs per row of the compression kernel
-    # (S1, default: one 64-block tile each) and of the attention kernel (S2).
-    variants = [("default", {}, {}), ("select unfused", dict(fused=False), {}), ("no pdl", dict(pdl=False), {}),
-                ("select unfused, no pdl", dict(fused=False, pdl=False), {})] + \
+    # Schedules: the selection spread over the compression kernel's programs of each row (default where it can),
+    # in the row's last one, or in its own launch; programmatic dependent launch (default on sm_90) or not;
+    # programs per row of the compression kernel (S1, default: one 64-block tile each) and of the attention kernel
+    # (S2).
+    variants = [("default", {}, {}), ("spread", dict(schedule="spread"), {}),
+                ("last", dict(schedule="last"), {}), ("separate", dict(schedule="separate"), {}),
+                ("spread, no pdl", dict(schedule="spread", pdl=False), {}),
+                ("last, no pdl", dict(schedule="last", pdl=False), {})] + \
         [(f"S1={s1}", dict(split_cmp=s1), {}) for s1 in (8, 16)] + \
         [(f"S2={s2}", dict(split_attn=s2), {}) for s2 in (12, 32)]
     variant_table(sparse, out, variants, dense_us)

@@ -43,7 +43,11 @@ Triton launches, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
    log-sum-exps, scores *all* selection blocks (group-summed compression probabilities of the compressed blocks
    overlapping each, NSA eq. 9-10) and takes the top-n by one bitonic ``tl.topk`` over unique int32 keys (the
    score's bits at the reference's resolution, then the reversed block id: ties go to the earlier block exactly
-   as `selection.select_block_ids`), writing the chosen block ids (−1 padded).
+   as `selection.select_block_ids`), writing the chosen block ids (−1 padded). Where blocks and selection blocks
+   coincide (``videonsa``), each program holds one tile, a row has at least `SPREAD_MIN_TILES` and the grid fits
+   the SMs (a 64K–128K cache at batch 1), the selection is spread instead (`_select_spread`): every program
+   waits for the row's partials (a spin on the row's ticket), scores its own tile and keeps its top-n keys; the
+   last one takes the top-n of those.
 2. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): the work items of a row (chosen blocks by rank, then the text keys
    — tables of ≤ BLOCK_N-token chunks up to the anchor, then the tail of decoded tokens — then the window's
    chunks) are numbered in that order and program j takes items j, j+S2, …; it writes online-softmax partials of
@@ -120,6 +124,7 @@ class DecodeState:
     band_first: Tensor  # int32 [B, NS]: first compressed block overlapping each selection block
     band_last: Tensor  # int32 [B, NS]: one past the last
     band_width: int  # max(band_last − band_first)
+    blocks_coincide: bool  # every selection block's band is the one compressed block of its index (e.g. videonsa)
     txt_start: Tensor  # int32 [B, NT]: text keys before the anchor in chunks of ≤ block_n tokens
     txt_end: Tensor  # int32 [B, NT] (exclusive)
     n_txt: Tensor  # int32 [B]
@@ -187,6 +192,7 @@ class _StateTables:
     band_first: Tensor
     band_last: Tensor
     band_width: int
+    blocks_coincide: bool
     txt_start: Tensor
     txt_end: Tensor
     n_txt: Tensor
@@ -213,6 +219,8 @@ def _state_tables(M: Tensor, block_size: int, block_stride: int, selection_block
     last = torch.searchsorted(lay.cmp_block_start.contiguous(), lay.sel_block_end.contiguous(), right=True)
     last = torch.where(sel_ok, torch.minimum(last, cmp_ok.sum(-1, keepdim=True)), first)
     band_width = max(1, int((last - first).max())) if last.numel() else 1
+    j = torch.arange(first.shape[1], device=dev)
+    blocks_coincide = bool((~sel_ok | ((last - first == 1) & (first == j))).all())
 
     # Text keys before the anchor, in chunks of at most block_n tokens that never cross a video token.
     block_n = min(128, _pow2(selection_block_size, 16))
@@ -238,6 +246,7 @@ def _state_tables(M: Tensor, block_size: int, block_stride: int, selection_block
         video_mask=M, cmp_block_start=lay.cmp_block_start, cmp_end=_i32(lay.cmp_block_end, cmp_ok, INT32_MAX),
         sel_start=_i32(lay.sel_block_start, sel_ok, INT32_MAX), sel_end=_i32(lay.sel_block_end, sel_ok, INT32_MAX),
         band_first=_i32(first, sel_ok, 0), band_last=_i32(last, sel_ok, 0), band_width=band_width,
+        blocks_coincide=blocks_coincide,
         txt_start=txt_start.to(torch.int32).contiguous(), txt_end=txt_end.to(torch.int32).contiguous(),
         n_txt=n_txt.to(torch.int32).contiguous(), first_video=first_video.to(torch.int32).contiguous(),
         probe_pos=torch.linspace(0, T - 1, min(PROBES, T), device=dev).round().long().unique(), block_n=block_n,
@@ -274,6 +283,7 @@ def build_decode_state(k: Tensor, v: Tensor, video_mask: Tensor, block_size: int
         probe_pos=t.probe_pos, probe_k=k.index_select(2, t.probe_pos), probe_v=v.index_select(2, t.probe_pos),
         k_cmp=k_cmp.contiguous(), v_cmp=v_cmp.contiguous(), cmp_end=t.cmp_end, sel_start=t.sel_start,
         sel_end=t.sel_end, band_first=t.band_first, band_last=t.band_last, band_width=t.band_width,
+        blocks_coincide=t.blocks_coincide,
         txt_start=t.txt_start, txt_end=t.txt_end, n_txt=t.n_txt, first_video=t.first_video, block_n=t.block_n,
         cmp_blocks=t.cmp_blocks, sel_blocks=t.sel_blocks)
 
@@ -602,10 +612,69 @@ if HAS_TRITON:
         ids = tl.where((top >= 0) & (r < top_n), low - (top & low), -1)
         tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, ids, mask=r < n_sel_max)
 
+    @triton.jit
+    def _arrive(CNT, pid):
+        """Count this program in at its row's counter (after all its threads' stores, which the count releases);
+        returns the count before."""
+        tl.debug_barrier()
+        return tl.atomic_add(CNT + pid, 1, sem="acq_rel")
+
+    @triton.jit
+    def _wait_for(CNT, pid, target):
+        """Spin until the row's counter reaches ``target`` (acquiring what the programs counted in wrote)."""
+        n = tl.atomic_add(CNT + pid, 0, sem="acquire")
+        while n < target:
+            n = tl.atomic_add(CNT + pid, 0, sem="acquire")
+
+    @triton.jit
+    def _select_spread(S, M1, L1, SEND, CAND, SEL, CNT, pid, sp, b, p, NC, NS, S1, top_n, n_sel_max,
+                       G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr, IDB: tl.constexpr,
+                       TOP_K: tl.constexpr, BLOCK_C: tl.constexpr):
+        """The selection of query row ``pid`` spread over its S1 compression programs, once all S1 have written
+        their partials (the row's counter at S1; blocks and selection blocks coincide, one tile of BLOCK_C
+        compressed blocks per program, whose logits it wrote to S): each merges the row's log-sum-exps, scores its
+        own tile and keeps its top ``TOP_K`` keys (the keys of `_select_row`); the last of them to count in (at
+        2·S1) takes the top-n of the S1·TOP_K kept keys, writes the chosen ids and zeroes the counter (every
+        program has left its wait)."""
+        g = tl.arange(0, GP)
+        # log-sum-exp of each head's compression softmax (as `_select_row`)
+        sp_all = tl.arange(0, S1P)
+        o1 = (pid * S1 + sp_all[None, :]).to(tl.int64) * GP + g[:, None]
+        ms = tl.load(M1 + o1, mask=sp_all[None, :] < S1, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(L1 + o1, mask=sp_all[None, :] < S1, other=0.0, cache_modifier=".cg")
+        mx = tl.max(ms, 1)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
+        lse = tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf"))
+
+        # scores of the tile's blocks, the heads added in order as in `_select_row` (adding the masked zeros is
+        # exact), and the tile's top keys
+        c = sp * BLOCK_C + tl.arange(0, BLOCK_C)
+        sv = tl.load(S + (pid * GP + g).to(tl.int64)[:, None] * NC + c[None, :],
+                     mask=(g < G)[:, None] & (c < NC)[None, :], other=float("-inf"))
+        prob = tl.exp(sv - lse[:, None])  # invisible blocks and padding heads: 0
+        score = tl.zeros([BLOCK_C], tl.float32)
+        for gg in tl.static_range(G):
+            score += tl.sum(tl.where(g[:, None] == gg, prob, 0.0), 0)
+        low = (1 << IDB) - 1
+        cand = (c < NS) & (tl.load(SEND + b.to(tl.int64) * NS + c, mask=c < NS, other=2147483647) <= p)
+        key = tl.where(cand, ((score.to(tl.int32, bitcast=True) >> IDB) << IDB) + (low - c), -1)
+        r = tl.arange(0, TOP_K)
+        tl.store(CAND + (pid * S1 + sp).to(tl.int64) * TOP_K + r, tl.topk(key, TOP_K))
+
+        if _arrive(CNT, pid) == 2 * S1 - 1:
+            kept = tl.arange(0, S1P * TOP_K)
+            keys = tl.load(CAND + pid.to(tl.int64) * S1 * TOP_K + kept, mask=kept < S1 * TOP_K, other=-1,
+                           cache_modifier=".cg")
+            top = tl.topk(keys, TOP_K)
+            ids = tl.where((top >= 0) & (r < top_n), low - (top & low), -1)
+            tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, ids, mask=r < n_sel_max)
+            tl.store(CNT + pid, 0)
+
     # tiles_per_split is not specialised: Triton's specialisation of an integer argument equal to 1 (one tile per
     # program, the default split at long context) made this kernel ~12× slower on an H100 (80 against 7 µs at 128K).
     @triton.jit(do_not_specialize=["tiles_per_split"])
-    def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1, LSE, SEND, BFIRST, BLAST, SEL, CNT,
+    def _dec_cmp_kernel(Q, KC, VC, CEND, S, M1, L1, O1, LSE, SEND, BFIRST, BLAST, SEL, CNT, CAND,
                         sqb, sqh, sqt, skb, skh, skc, svb, svh, svc,
                         TQ, p0, NC, NS, S1, tiles_per_split, top_n, n_sel_max, scale,
                         HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
@@ -650,13 +719,16 @@ if HAS_TRITON:
         tl.store(M1 + o, m)
         tl.store(L1 + o, l)
         tl.store(O1 + o[:, None] * DV + dv[None, :], acc)
-        if SELECT:  # the row's last program to finish runs its top-n (one launch fewer)
-            tl.debug_barrier()  # every thread's stores above precede the ticket, which releases them
-            ticket = tl.atomic_add(CNT + pid, 1, sem="acq_rel")
-            if ticket == S1 - 1:
+        if SELECT == 1:  # the row's last program to finish runs its top-n (one launch fewer)
+            if _arrive(CNT, pid) == S1 - 1:
                 _select_row(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL, pid, TQ, p0, NC, NS, S1, top_n, n_sel_max,
                             HKV, G, GP, S1P, NS_PAD, W_BAND, IDB, TOP_K)
                 tl.store(CNT + pid, 0)  # zero again for the next launch
+        if SELECT == 2:  # the selection spread over the row's programs (one tile each)
+            _arrive(CNT, pid)
+            _wait_for(CNT, pid, S1)
+            _select_spread(S, M1, L1, SEND, CAND, SEL, CNT, pid, sp, b, p, NC, NS, S1, top_n, n_sel_max, G, GP,
+                           S1P, IDB, TOP_K, BLOCK_C)
 
     @triton.jit
     def _dec_select_kernel(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL,
@@ -818,16 +890,25 @@ def _use_pdl(device: torch.device) -> bool:
     return HAS_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+# The spread selection pays from this many compression tiles per row (one per program): H100, `videonsa`, one
+# query over a 128K cache (32 tiles) 22.8–23.6 against 26.2–27.7 µs with the selection in the row's last program,
+# 64K (16 tiles) 20.0 against 20.6, 32K (8 tiles) 18.8–19.6 against 18.1–18.8 (BENCHMARKS.md, fifteenth
+# session).
+SPREAD_MIN_TILES = 16
+
+
 @functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
+    return 2 * _sm_count(device)
 
 
 def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: DecodeState, scale: float,
                          top_n: int, window_size: int, split_cmp: int | None = None,
-                         split_attn: int | None = None, out: Tensor | None = None, fused: bool = True,
+                         split_attn: int | None = None, out: Tensor | None = None, schedule: str = "auto",
                          pdl: bool | None = None) -> Tensor:
     """Sparse attention of the Tq **text** queries at the end of the cache over the kept state (module doc: three
     launches, no host sync, CUDA-graph capturable).
@@ -841,14 +922,20 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         split_cmp, split_attn: programs per (batch, KV head, query) of the compression and attention kernels
             (default: enough to fill the GPU).
         out: optional [B, Hq, Tq, Dv] tensor of q's dtype to write into (every entry is written).
-        fused: the selection runs in the compression kernel's last program of each row (default) or in a launch
-            of its own (`_dec_select_kernel`: the same picks and output, one launch more; for comparisons).
+        schedule: where the top-n runs. ``"spread"``: over the compression kernel's programs of each row (each
+            scores its own tile after a wait for the row's partials; needs CUDA, blocks and selection blocks
+            coinciding, one tile per program, top-n ≤ 64 and the whole grid resident at once: at most one
+            program per SM); ``"last"``: in the row's last compression program to finish; ``"separate"``: in a
+            launch of its own (`_dec_select_kernel`, four launches); ``"auto"`` (default): spread where it can
+            and a row has at least `SPREAD_MIN_TILES` tiles, else last. The same picks and output in every
+            schedule.
         pdl: launch the attention and combine kernels with programmatic dependent launch (default: on CUDA
             devices of compute capability ≥ 9.0 when Triton has it); the same output either way.
     Returns:
         [B, Hq, Tq, Dv] in q's dtype. Video queries are not handled here (their rows are meaningless).
     Raises:
         NSAInputError: a cache shorter than the state's anchor.
+        ValueError: an unknown ``schedule``, or ``"spread"`` where its conditions do not hold.
     """
     B, Hq, Tq, D = q.shape
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -882,27 +969,41 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         # one work item per attention program where there are at most 32 (more splits make the combine kernel's
         # one-warp merge tiles spill)
         S2 = split_attn or max(1, min(32, items, -(-2 * target // rows)))
+        top_k = _pow2(n_sel, 2)
+        # The spread selection waits, in each program, for the row's other programs: all must be resident at once
+        # (one per SM is), so it runs only where the grid fits the SMs (the CPU interpreter runs programs in turn).
+        spread_ok = (q.is_cuda and state.blocks_coincide and tiles_per_split == 1 and S1 > 1
+                     and top_k <= BLOCK_C and rows * S1 <= _sm_count(q.device))
+        mode = {"auto": "spread" if spread_ok and S1 >= SPREAD_MIN_TILES else "last"}.get(schedule, schedule)
+        if mode not in ("spread", "last", "separate") or (mode == "spread" and not spread_ok):
+            raise ValueError(
+                f"schedule must be 'auto', 'spread', 'last' or 'separate', got {schedule!r}"
+                if mode not in ("spread", "last", "separate") else
+                f"schedule='spread' needs CUDA, coinciding blocks, one tile per program, top-n ≤ {BLOCK_C} and at "
+                f"most one program per SM ({rows}·{S1} programs)")
         # logits; compression partials (m, l, o); selection and window partials; compression log-sum-exp per row
-        # and head; chosen block ids (int32)
-        S, M1, L1, O1, M2, L2, O2, LSE, SEL = _scratch((
+        # and head; chosen block ids and each program's kept keys of the spread selection (int32)
+        S, M1, L1, O1, M2, L2, O2, LSE, SEL, CAND = _scratch((
             rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
-            rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv, rows * GP, rows * max(n_sel, 1)), q.device)
-        SEL = SEL.view(torch.int32)
+            rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv, rows * GP, rows * max(n_sel, 1),
+            rows * S1 * top_k if mode == "spread" else 1), q.device)
+        SEL, CAND = SEL.view(torch.int32), CAND.view(torch.int32)
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
         p0 = Tk - Tq + t0
         kc, vc = state.k_cmp, state.v_cmp
         cnt = _counters(q.device, rows)
         sel_args = (state.sel_end, state.band_first, state.band_last, SEL)
         sel_meta = dict(HKV=Hkv, G=G, GP=GP, S1P=_pow2(S1), NS_PAD=NS_PAD, W_BAND=state.band_width,
-                        IDB=key_id_bits(NS), TOP_K=_pow2(n_sel, 2))
+                        IDB=key_id_bits(NS), TOP_K=top_k)
         _dec_cmp_kernel[(rows, S1)](
-            qc, kc, vc, state.cmp_end, S, M1, L1, O1, LSE, *sel_args, cnt,
+            qc, kc, vc, state.cmp_end, S, M1, L1, O1, LSE, *sel_args, cnt, CAND,
             qc.stride(0), qc.stride(1), qc.stride(2), kc.stride(0), kc.stride(1), kc.stride(2),
             vc.stride(0), vc.stride(1), vc.stride(2),
             TQ, p0, NC, NS, S1, tiles_per_split, top_n, n_sel, scale,
-            D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision, SELECT=fused, PDL=pdl, **sel_meta,
+            D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision,
+            SELECT={"separate": 0, "last": 1, "spread": 2}[mode], PDL=pdl, **sel_meta,
             num_warps=8, num_stages=1)
-        if not fused:
+        if mode == "separate":
             _dec_select_kernel[(rows,)](S, M1, L1, LSE, *sel_args, TQ, p0, NC, NS, S1, top_n, n_sel, **sel_meta,
                                         num_warps=8 if NS_PAD <= 8192 else 16)
         _dec_attn_kernel[(rows, S2)](

@@ -159,11 +159,12 @@ def test_decode_kernels_interpreter_against_reference(case, dtype, tol, monkeypa
                ref) <= 1e-12
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate-select"])
+@pytest.mark.parametrize("schedule", ["last", "separate"], ids=["fused", "separate-select"])
 @pytest.mark.parametrize("splits", [(1, 1), (3, 2), (7, 5)], ids=["S1-S2-1-1", "3-2", "7-5"])
-def test_decode_kernels_any_split_count(splits, fused, monkeypatch):
+def test_decode_kernels_any_split_count(splits, schedule, monkeypatch):
     """Any split of the compression and attention kernels, with the selection in the compression kernel's last
-    program per row (its ticket must be zero again after the launch) or in its own launch."""
+    program per row (its ticket must be zero again after the launch) or in its own launch. (The spread selection
+    waits for other programs, which the interpreter runs one after another: on CPU it is refused.)"""
     monkeypatch.setattr(dec, "POISON_SCRATCH", True)
     q, k, v, gates, video, (l, d, ls, n, w) = _inputs("B2-HQ6-H2-decode1-two-spans", torch.float32, seed=5)
     state = dec.build_decode_state(k, v, video, l, d, ls)
@@ -171,9 +172,13 @@ def test_decode_kernels_any_split_count(splits, fused, monkeypatch):
     ref = nsa_reference(q, k, v, gates, video, None, scale, l, d, ls, n, w, decode="sparse")
     for _ in range(2):  # the second launch reuses the tickets the first left
         out = dec.sparse_decode_triton(q, k, v, gates, state, scale, n, w, split_cmp=splits[0],
-                                       split_attn=splits[1], fused=fused)
+                                       split_attn=splits[1], schedule=schedule)
         assert rel(out, ref) <= 1e-5
         assert not dec._counters(q.device, 1).any()
+    with pytest.raises(ValueError, match="one program per SM"):
+        dec.sparse_decode_triton(q, k, v, gates, state, scale, n, w, schedule="spread")
+    with pytest.raises(ValueError, match="'auto', 'spread'"):
+        dec.sparse_decode_triton(q, k, v, gates, state, scale, n, w, schedule="fused")
 
 
 def test_states_of_one_prefill_share_their_mask_tables():
@@ -418,12 +423,14 @@ def test_decode_op_gpu_finds_state_and_is_cuda_graph_capturable():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused,pdl", [(True, None), (False, False)], ids=["fused-pdl", "separate"])
-def test_decode_fused_launches_are_repeatable_on_gpu(fused, pdl):
-    """The fused selection hands partials from a row's programs to its last one through L2 (a ticket per row), and
-    under programmatic dependent launch the attention kernel starts before the compression kernel ends; a missing
-    release/acquire or wait would make some runs differ. The kernels are otherwise deterministic, so every run
-    must equal the first bit for bit, and both launch modes must agree with the reference."""
+@pytest.mark.parametrize("schedule,pdl", [("spread", None), ("last", None), ("separate", False)],
+                         ids=["spread-pdl", "fused-pdl", "separate"])
+def test_decode_fused_launches_are_repeatable_on_gpu(schedule, pdl):
+    """The fused selection hands partials from a row's programs to its last one through L2 (a ticket per row; the
+    spread one also waits for them in every program), and under programmatic dependent launch the attention
+    kernel starts before the compression kernel ends; a missing release/acquire or wait would make some runs
+    differ. The kernels are otherwise deterministic, so every run must equal the first bit
+    for bit, and every schedule must agree with the reference."""
     cfg, q, k, v, gates, video = _gpu_case(65536, torch.bfloat16, "videonsa")
     T = video.shape[1]
     state = dec.build_decode_state(k[:, :, :T], v[:, :, :T], video, cfg.block_size, cfg.block_stride,
@@ -433,7 +440,7 @@ def test_decode_fused_launches_are_repeatable_on_gpu(fused, pdl):
 
     def run():
         dec.sparse_decode_triton(q, k, v, gates, state, scale, cfg.top_n, cfg.window_size, out=out,
-                                 fused=fused, pdl=pdl)
+                                 schedule=schedule, pdl=pdl)
 
     run()
     first = out.clone()
@@ -446,3 +453,35 @@ def test_decode_fused_launches_are_repeatable_on_gpu(fused, pdl):
     ref = nsa_reference(q.double(), k.double(), v.double(), gates.double(), full, None, scale, cfg.block_size,
                         cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size, decode="sparse")
     assert rel(first.double(), ref) <= 1e-2
+
+
+@pytest.mark.gpu
+def test_decode_select_modes_agree_on_gpu():
+    """At 128K (shape A, ``videonsa``: the default spreads the selection) every schedule gives the same output bit
+    for bit (the same picks); the counters are zero after each; with two sequences the grid exceeds the SMs, so
+    the default falls back to the last program and an explicit spread is refused."""
+    cfg, q, k, v, gates, video = _gpu_case(131072, torch.bfloat16, "videonsa")
+    T = video.shape[1]
+    state = dec.build_decode_state(k[:, :, :T], v[:, :, :T], video, cfg.block_size, cfg.block_stride,
+                                   cfg.selection_block_size)
+    assert state.blocks_coincide
+    scale = 1 / math.sqrt(q.shape[-1])
+    outs = {}
+    for schedule in ("auto", "spread", "last", "separate"):
+        outs[schedule] = dec.sparse_decode_triton(q, k, v, gates, state, scale, cfg.top_n, cfg.window_size,
+                                                  schedule=schedule)
+        torch.cuda.synchronize()
+        assert not dec._counters(q.device, 8).any()
+    for schedule in ("spread", "last", "separate"):
+        assert torch.equal(outs[schedule], outs["auto"]), schedule
+    assert not outs["auto"].isnan().any()
+    k2, v2 = torch.cat([k, k.flip(2)]), torch.cat([v, v.flip(2)])
+    state2 = dec.build_decode_state(k2[:, :, :T], v2[:, :, :T], video.expand(2, T), cfg.block_size,
+                                    cfg.block_stride, cfg.selection_block_size)
+    q2, g2 = q.expand(2, -1, -1, -1), gates.expand(2, -1, -1, -1)
+    two = dec.sparse_decode_triton(q2, k2, v2, g2, state2, scale, cfg.top_n, cfg.window_size)
+    assert torch.equal(two, dec.sparse_decode_triton(q2, k2, v2, g2, state2, scale, cfg.top_n, cfg.window_size,
+                                                     schedule="last"))
+    assert torch.equal(two[:1], outs["last"])
+    with pytest.raises(ValueError, match="one program per SM"):
+        dec.sparse_decode_triton(q2, k2, v2, g2, state2, scale, cfg.top_n, cfg.window_size, schedule="spread")
