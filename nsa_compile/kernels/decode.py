@@ -562,6 +562,20 @@ if HAS_TRITON:
         return t, b, hkv, q
 
     @triton.jit
+    def _row_lse(M1, L1, pid, S1, GP: tl.constexpr, S1P: tl.constexpr):
+        """fp32 [GP]: each head's log-sum-exp of query row ``pid``'s compression softmax, from its S1 partials
+        (m, l) (written by other programs: read through L2); +inf where nothing was visible."""
+        g = tl.arange(0, GP)
+        sp = tl.arange(0, S1P)
+        o1 = (pid * S1 + sp[None, :]).to(tl.int64) * GP + g[:, None]
+        ms = tl.load(M1 + o1, mask=sp[None, :] < S1, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(L1 + o1, mask=sp[None, :] < S1, other=0.0, cache_modifier=".cg")
+        mx = tl.max(ms, 1)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
+        return tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf"))
+
+    @triton.jit
     def _select_row(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL, pid, TQ, p0, NC, NS, S1, top_n, n_sel_max,
                     HKV: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr, NS_PAD: tl.constexpr,
                     W_BAND: tl.constexpr, IDB: tl.constexpr, TOP_K: tl.constexpr):
@@ -574,14 +588,7 @@ if HAS_TRITON:
 
         # 1. log-sum-exp of each row's compression softmax, from the S1 partials; through the LSE scratch so that
         #    each head's value is then a scalar load (no reduction per head below).
-        sp = tl.arange(0, S1P)
-        o1 = (pid * S1 + sp[None, :]).to(tl.int64) * GP + g[:, None]
-        ms = tl.load(M1 + o1, mask=sp[None, :] < S1, other=float("-inf"), cache_modifier=".cg")
-        ls = tl.load(L1 + o1, mask=sp[None, :] < S1, other=0.0, cache_modifier=".cg")
-        mx = tl.max(ms, 1)
-        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
-        tl.store(LSE + pid * GP + g, tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf")))
+        tl.store(LSE + pid * GP + g, _row_lse(M1, L1, pid, S1, GP, S1P))
         tl.debug_barrier()
 
         # 2. score of every selection block: Σ over the group's heads and the overlapping compressed blocks (NSA
@@ -637,15 +644,7 @@ if HAS_TRITON:
         2·S1) takes the top-n of the S1·TOP_K kept keys, writes the chosen ids and zeroes the counter (every
         program has left its wait)."""
         g = tl.arange(0, GP)
-        # log-sum-exp of each head's compression softmax (as `_select_row`)
-        sp_all = tl.arange(0, S1P)
-        o1 = (pid * S1 + sp_all[None, :]).to(tl.int64) * GP + g[:, None]
-        ms = tl.load(M1 + o1, mask=sp_all[None, :] < S1, other=float("-inf"), cache_modifier=".cg")
-        ls = tl.load(L1 + o1, mask=sp_all[None, :] < S1, other=0.0, cache_modifier=".cg")
-        mx = tl.max(ms, 1)
-        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-        tot = tl.sum(ls * tl.exp(ms - mx_safe[:, None]), 1)
-        lse = tl.where(tot > 0, mx_safe + tl.log(tl.where(tot > 0, tot, 1.0)), float("inf"))
+        lse = _row_lse(M1, L1, pid, S1, GP, S1P)
 
         # scores of the tile's blocks, the heads added in order as in `_select_row` (adding the masked zeros is
         # exact), and the tile's top keys
