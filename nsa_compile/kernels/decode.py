@@ -940,6 +940,8 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
     Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
     if Tk < state.anchor:
         raise NSAInputError(f"cache of {Tk} keys is shorter than the kept state's {state.anchor}")
+    if schedule not in ("auto", "spread", "last", "separate"):
+        raise ValueError(f"schedule must be 'auto', 'spread', 'last' or 'separate', got {schedule!r}")
     G = Hq // Hkv
     GP = _pow2(G, 16)
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
@@ -974,12 +976,9 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         spread_ok = (q.is_cuda and state.blocks_coincide and tiles_per_split == 1 and S1 > 1
                      and top_k <= BLOCK_C and rows * S1 <= _sm_count(q.device))
         mode = {"auto": "spread" if spread_ok and S1 >= SPREAD_MIN_TILES else "last"}.get(schedule, schedule)
-        if mode not in ("spread", "last", "separate") or (mode == "spread" and not spread_ok):
-            raise ValueError(
-                f"schedule must be 'auto', 'spread', 'last' or 'separate', got {schedule!r}"
-                if mode not in ("spread", "last", "separate") else
-                f"schedule='spread' needs CUDA, coinciding blocks, one tile per program, top-n ≤ {BLOCK_C} and at "
-                f"most one program per SM ({rows}·{S1} programs)")
+        if mode == "spread" and not spread_ok:
+            raise ValueError(f"schedule='spread' needs CUDA, coinciding blocks, one tile per program, top-n ≤ "
+                             f"{BLOCK_C} and at most one program per SM ({rows}·{S1} programs)")
         # logits; compression partials (m, l, o); selection and window partials; compression log-sum-exp per row
         # and head; chosen block ids and each program's kept keys of the spread selection (int32)
         S, M1, L1, O1, M2, L2, O2, LSE, SEL, CAND = _scratch((

@@ -429,8 +429,8 @@ def test_decode_fused_launches_are_repeatable_on_gpu(schedule, pdl):
     """The fused selection hands partials from a row's programs to its last one through L2 (a ticket per row; the
     spread one also waits for them in every program), and under programmatic dependent launch the attention
     kernel starts before the compression kernel ends; a missing release/acquire or wait would make some runs
-    differ. The kernels are otherwise deterministic, so every run must equal the first bit
-    for bit, and every schedule must agree with the reference."""
+    differ. The kernels are otherwise deterministic, so every run must equal the first bit for bit, and every
+    schedule must agree with the reference."""
     cfg, q, k, v, gates, video = _gpu_case(65536, torch.bfloat16, "videonsa")
     T = video.shape[1]
     state = dec.build_decode_state(k[:, :, :T], v[:, :, :T], video, cfg.block_size, cfg.block_stride,
@@ -456,7 +456,7 @@ def test_decode_fused_launches_are_repeatable_on_gpu(schedule, pdl):
 
 
 @pytest.mark.gpu
-def test_decode_select_modes_agree_on_gpu():
+def test_decode_schedules_agree_on_gpu():
     """At 128K (shape A, ``videonsa``: the default spreads the selection) every schedule gives the same output bit
     for bit (the same picks); the counters are zero after each; with two sequences the grid exceeds the SMs, so
     the default falls back to the last program and an explicit spread is refused."""
