@@ -46,8 +46,8 @@ Triton launches, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
    as `selection.select_block_ids`), writing the chosen block ids (−1 padded). Where blocks and selection blocks
    coincide (``videonsa``), each program holds one tile, a row has at least `SPREAD_MIN_TILES` and the grid fits
    the SMs (a 64K–128K cache at batch 1), the selection is spread instead (`_select_spread`): every program
-   waits for the row's partials (a spin on the row's ticket), scores its own tile and keeps its top-n keys; the
-   last one takes the top-n of those.
+   waits for the row's partials (a spin on the row's ticket), scores its own tile (its logits still in
+   registers) and keeps its top-n keys; the last one takes the top-n of those.
 2. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): the work items of a row (chosen blocks by rank, then the text keys
    — tables of ≤ BLOCK_N-token chunks up to the anchor, then the tail of decoded tokens — then the window's
    chunks) are numbered in that order and program j takes items j, j+S2, …; it writes online-softmax partials of
@@ -634,24 +634,22 @@ if HAS_TRITON:
             n = tl.atomic_add(CNT + pid, 0, sem="acquire")
 
     @triton.jit
-    def _select_spread(S, M1, L1, SEND, CAND, SEL, CNT, pid, sp, b, p, NC, NS, S1, top_n, n_sel_max,
+    def _select_spread(s, M1, L1, SEND, CAND, SEL, CNT, pid, sp, b, p, NS, S1, top_n, n_sel_max,
                        G: tl.constexpr, GP: tl.constexpr, S1P: tl.constexpr, IDB: tl.constexpr,
                        TOP_K: tl.constexpr, BLOCK_C: tl.constexpr):
         """The selection of query row ``pid`` spread over its S1 compression programs, once all S1 have written
         their partials (the row's counter at S1; blocks and selection blocks coincide, one tile of BLOCK_C
-        compressed blocks per program, whose logits it wrote to S): each merges the row's log-sum-exps, scores its
-        own tile and keeps its top ``TOP_K`` keys (the keys of `_select_row`); the last of them to count in (at
-        2·S1) takes the top-n of the S1·TOP_K kept keys, writes the chosen ids and zeroes the counter (every
-        program has left its wait)."""
+        compressed blocks per program, its logits ``s`` fp32 [GP, BLOCK_C] still in registers): each merges the
+        row's log-sum-exps, scores its own tile and keeps its top ``TOP_K`` keys (the keys of `_select_row`); the
+        last of them to count in (at 2·S1) takes the top-n of the S1·TOP_K kept keys, writes the chosen ids and
+        zeroes the counter (every program has left its wait)."""
         g = tl.arange(0, GP)
         lse = _row_lse(M1, L1, pid, S1, GP, S1P)
 
         # scores of the tile's blocks, the heads added in order as in `_select_row` (adding the masked zeros is
         # exact), and the tile's top keys
         c = sp * BLOCK_C + tl.arange(0, BLOCK_C)
-        sv = tl.load(S + (pid * GP + g).to(tl.int64)[:, None] * NC + c[None, :],
-                     mask=(g < G)[:, None] & (c < NC)[None, :], other=float("-inf"))
-        prob = tl.exp(sv - lse[:, None])  # invisible blocks and padding heads: 0
+        prob = tl.exp(s - lse[:, None])  # invisible blocks and padding heads: 0
         score = tl.zeros([BLOCK_C], tl.float32)
         for gg in tl.static_range(G):
             score += tl.sum(tl.where(g[:, None] == gg, prob, 0.0), 0)
@@ -697,6 +695,7 @@ if HAS_TRITON:
         l = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DV], tl.float32)
         row = (pid * GP + g).to(tl.int64)
+        s = tl.full([GP, BLOCK_C], float("-inf"), tl.float32)  # the spread selection scores the last tile's
         for it in range(0, tiles_per_split):
             c = (sp * tiles_per_split + it) * BLOCK_C + tl.arange(0, BLOCK_C)
             cok = c < NC
@@ -705,7 +704,8 @@ if HAS_TRITON:
             end = tl.load(CEND + b.to(tl.int64) * NC + c, mask=cok, other=2147483647)
             vis = cok & (end <= p)
             s = tl.where(vis[None, :] & gv[:, None], s, float("-inf"))
-            tl.store(S + row[:, None] * NC + c[None, :], s, mask=cok[None, :] & gv[:, None])
+            if SELECT != 2:  # scored from memory by the row's last program or the select kernel
+                tl.store(S + row[:, None] * NC + c[None, :], s, mask=cok[None, :] & gv[:, None])
             m_new = tl.maximum(m, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             e = tl.exp(s - m_safe[:, None])
@@ -726,8 +726,8 @@ if HAS_TRITON:
         if SELECT == 2:  # the selection spread over the row's programs (one tile each)
             _arrive(CNT, pid)
             _wait_for(CNT, pid, S1)
-            _select_spread(S, M1, L1, SEND, CAND, SEL, CNT, pid, sp, b, p, NC, NS, S1, top_n, n_sel_max, G, GP,
-                           S1P, IDB, TOP_K, BLOCK_C)
+            _select_spread(s, M1, L1, SEND, CAND, SEL, CNT, pid, sp, b, p, NS, S1, top_n, n_sel_max, G, GP, S1P,
+                           IDB, TOP_K, BLOCK_C)
 
     @triton.jit
     def _dec_select_kernel(S, M1, L1, LSE, SEND, BFIRST, BLAST, SEL,
@@ -894,6 +894,13 @@ def _use_pdl(device: torch.device) -> bool:
 # 64K (16 tiles) 20.0 against 20.6, 32K (8 tiles) 18.8–19.6 against 18.1–18.8 (BENCHMARKS.md, fifteenth
 # session).
 SPREAD_MIN_TILES = 16
+# Launch widths (H100, `videonsa`, one query; old and new package in one call): the compression kernel with the
+# spread selection on 4 warps (8 before; 2 spill: ~10×), the attention kernel on 8 (4 before; 2 slower): 128K
+# 21.3 → 20.0–20.5 µs, 64K 18.7 → 17.3–17.6, 32K (last-program selection, attention width only) 16.1–16.4 →
+# 16.6–16.7; with the logits kept in registers for the spread scoring, 128K 19.1–19.3 (BENCHMARKS.md, fifteenth
+# session).
+SPREAD_CMP_WARPS = 4
+ATTN_WARPS = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -982,8 +989,8 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         # logits; compression partials (m, l, o); selection and window partials; compression log-sum-exp per row
         # and head; chosen block ids and each program's kept keys of the spread selection (int32)
         S, M1, L1, O1, M2, L2, O2, LSE, SEL, CAND = _scratch((
-            rows * GP * NC, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv, rows * S2 * 2 * GP,
-            rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv, rows * GP, rows * max(n_sel, 1),
+            rows * GP * NC if mode != "spread" else 1, rows * S1 * GP, rows * S1 * GP, rows * S1 * GP * Dv,
+            rows * S2 * 2 * GP, rows * S2 * 2 * GP, rows * S2 * 2 * GP * Dv, rows * GP, rows * max(n_sel, 1),
             rows * S1 * top_k if mode == "spread" else 1), q.device)
         SEL, CAND = SEL.view(torch.int32), CAND.view(torch.int32)
         qc, gc, oc = q[:, :, t0:t0 + TQ], gates[:, :, t0:t0 + TQ], out[:, :, t0:t0 + TQ]
@@ -1000,7 +1007,7 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
             TQ, p0, NC, NS, S1, tiles_per_split, top_n, n_sel, scale,
             D=D, DV=Dv, BLOCK_C=BLOCK_C, PRECISION=precision,
             SELECT={"separate": 0, "last": 1, "spread": 2}[mode], PDL=pdl, **sel_meta,
-            num_warps=8, num_stages=1)
+            num_warps=SPREAD_CMP_WARPS if mode == "spread" else 8, num_stages=1)
         if mode == "separate":
             _dec_select_kernel[(rows,)](S, M1, L1, LSE, *sel_args, TQ, p0, NC, NS, S1, top_n, n_sel, **sel_meta,
                                         num_warps=8 if NS_PAD <= 8192 else 16)
@@ -1010,7 +1017,7 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
             v.stride(0), v.stride(1), v.stride(2),
             TQ, p0, NS, NT, S2, state.anchor, n_sel, window_size, scale,
             HKV=Hkv, G=G, GP=GP, D=D, DV=Dv, BLOCK_N=BLOCK_N, NCH=NCH, PRECISION=precision, PDL=pdl,
-            num_warps=4, num_stages=1, **launch_pdl)
+            num_warps=ATTN_WARPS, num_stages=1, **launch_pdl)
         _dec_combine_kernel[(rows, G)](
             M1, L1, O1, M2, L2, O2, gc, state.first_video, oc,
             gc.stride(0), gc.stride(1), gc.stride(2), gc.stride(3), oc.stride(0), oc.stride(1), oc.stride(2),
