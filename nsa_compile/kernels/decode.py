@@ -37,17 +37,17 @@ Triton launches, no host sync, CUDA-graph capturable (`sparse_decode_triton`):
 
 1. ``_dec_cmp_kernel`` — grid (B·Hkv·Tq, S1): each program takes the G query heads of one GQA group at one query
    position (rows padded to ≥ 16 for ``tl.dot``) and a slice of the compressed blocks: logits (kept in a scratch
-   buffer for scoring) and an online-softmax partial of the compression branch (split-K). The last of a row's S1
-   programs to finish (a ticket per row: ``tl.atomic_add`` with acquire-release semantics after a block barrier,
-   the partials then read through L2) runs the row's selection (`_select_row`): it merges the S1 partial
-   log-sum-exps, scores *all* selection blocks (group-summed compression probabilities of the compressed blocks
-   overlapping each, NSA eq. 9-10) and takes the top-n by one bitonic ``tl.topk`` over unique int32 keys (the
-   score's bits at the reference's resolution, then the reversed block id: ties go to the earlier block exactly
-   as `selection.select_block_ids`), writing the chosen block ids (−1 padded). Where blocks and selection blocks
-   coincide (``videonsa``), each program holds one tile, a row has at least `SPREAD_MIN_TILES` and the grid fits
-   the SMs (a 64K–128K cache at batch 1), the selection is spread instead (`_select_spread`): every program
-   waits for the row's partials (a spin on the row's ticket), scores its own tile (its logits still in
-   registers) and keeps its top-n keys; the last one takes the top-n of those.
+   buffer for scoring, but by the spread selection) and an online-softmax partial of the compression branch
+   (split-K). The last of a row's S1 programs to finish (a ticket per row: ``tl.atomic_add`` with acquire-release
+   semantics after a block barrier, the partials then read through L2) runs the row's selection (`_select_row`):
+   it merges the S1 partial log-sum-exps, scores *all* selection blocks (group-summed compression probabilities of
+   the compressed blocks overlapping each, NSA eq. 9-10) and takes the top-n by one bitonic ``tl.topk`` over
+   unique int32 keys (the score's bits at the reference's resolution, then the reversed block id: ties go to the
+   earlier block exactly as `selection.select_block_ids`), writing the chosen block ids (−1 padded). Where
+   blocks and selection blocks coincide (``videonsa``), each program holds one tile, a row has at least
+   `SPREAD_MIN_TILES` and the grid fits the SMs (a 64K–128K cache at batch 1), the selection is spread instead
+   (`_select_spread`): every program waits for the row's partials (a spin on the row's ticket), scores its own
+   tile (its logits still in registers) and keeps its top-n keys; the last one takes the top-n of those.
 2. ``_dec_attn_kernel`` — grid (B·Hkv·Tq, S2): the work items of a row (chosen blocks by rank, then the text keys
    — tables of ≤ BLOCK_N-token chunks up to the anchor, then the tail of decoded tokens — then the window's
    chunks) are numbered in that order and program j takes items j, j+S2, …; it writes online-softmax partials of
@@ -695,7 +695,7 @@ if HAS_TRITON:
         l = tl.zeros([GP], tl.float32)
         acc = tl.zeros([GP, DV], tl.float32)
         row = (pid * GP + g).to(tl.int64)
-        s = tl.full([GP, BLOCK_C], float("-inf"), tl.float32)  # the spread selection scores the last tile's
+        s = tl.full([GP, BLOCK_C], float("-inf"), tl.float32)  # the (last) tile's logits, for the spread selection
         for it in range(0, tiles_per_split):
             c = (sp * tiles_per_split + it) * BLOCK_C + tl.arange(0, BLOCK_C)
             cok = c < NC
@@ -891,8 +891,8 @@ def _use_pdl(device: torch.device) -> bool:
 
 # The spread selection pays from this many compression tiles per row (one per program): H100, `videonsa`, one
 # query over a 128K cache (32 tiles) 22.8–23.6 against 26.2–27.7 µs with the selection in the row's last program,
-# 64K (16 tiles) 20.0 against 20.6, 32K (8 tiles) 18.8–19.6 against 18.1–18.8 (BENCHMARKS.md, fifteenth
-# session).
+# 64K (16 tiles) 20.0 against 20.6, 32K (8 tiles) 18.8–19.6 against 18.1–18.8 (its first version, before the
+# launch widths below; BENCHMARKS.md, fifteenth session).
 SPREAD_MIN_TILES = 16
 # Launch widths (H100, `videonsa`, one query; old and new package in one call): the compression kernel with the
 # spread selection on 4 warps (8 before; 2 spill: ~10×), the attention kernel on 8 (4 before; 2 slower): 128K
