@@ -890,9 +890,9 @@ def _use_pdl(device: torch.device) -> bool:
 
 
 # The spread selection pays from this many compression tiles per row (one per program): H100, `videonsa`, one
-# query over a 128K cache (32 tiles) 22.8–23.6 against 26.2–27.7 µs with the selection in the row's last program,
-# 64K (16 tiles) 20.0 against 20.6, 32K (8 tiles) 18.8–19.6 against 18.1–18.8 (its first version, before the
-# launch widths below; BENCHMARKS.md, fifteenth session).
+# query, with the launch widths below: 128K (32 tiles) 19.5 against 25.3 µs with the selection in the row's last
+# program, 64K (16 tiles) 17.3–17.5 against 19.2, 32K (8 tiles) 19.2 against 16.7–16.8, 16K 15.6–15.8 against
+# 15.6–15.7 (BENCHMARKS.md, fifteenth session).
 SPREAD_MIN_TILES = 16
 # Launch widths (H100, `videonsa`, one query; old and new package in one call): the compression kernel with the
 # spread selection on 4 warps (8 before; 2 spill: ~10×), the attention kernel on 8 (4 before; 2 slower): 128K
