@@ -609,15 +609,25 @@ if HAS_TRITON:
                              cache_modifier=".cg")
                 score += tl.exp(sv - lse_g)
 
-        # 3. top-n of the candidates (blocks ending at or before p) by one bitonic top-K of unique int32 keys, the
-        #    order of selection.select_block_ids: the score's float bits above IDB = key_id_bits(NS) (lower bits
-        #    count as tied), the reversed block id below (of tied scores the earlier block wins).
-        low = (1 << IDB) - 1
-        key = ((score.to(tl.int32, bitcast=True) >> IDB) << IDB) + (low - sb)
-        top = tl.topk(tl.where(sok & (send <= p), key, -1), TOP_K)  # descending
+        # 3. top-n of the candidates (blocks ending at or before p) by one bitonic top-K of unique int32 keys
+        #    (`_block_keys`, IDB = key_id_bits(NS)), the order of selection.select_block_ids.
+        top = tl.topk(_block_keys(score, sb, sok & (send <= p), IDB), TOP_K)  # descending
         r = tl.arange(0, TOP_K)
-        ids = tl.where((top >= 0) & (r < top_n), low - (top & low), -1)
-        tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, ids, mask=r < n_sel_max)
+        tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, _block_ids(top, r, top_n, IDB), mask=r < n_sel_max)
+
+    @triton.jit
+    def _block_keys(score, blk, ok, IDB: tl.constexpr):
+        """int32 top-n keys, unique per block: the score's float bits above IDB (lower bits count as tied), the
+        reversed block id below (of tied scores the earlier block wins, as `selection.select_block_ids`); −1 where
+        not ``ok`` (no candidate)."""
+        low = (1 << IDB) - 1
+        return tl.where(ok, ((score.to(tl.int32, bitcast=True) >> IDB) << IDB) + (low - blk), -1)
+
+    @triton.jit
+    def _block_ids(top, r, top_n, IDB: tl.constexpr):
+        """Block ids of the descending keys ``top`` (`_block_keys`), −1 past rank ``top_n`` or for no candidate."""
+        low = (1 << IDB) - 1
+        return tl.where((top >= 0) & (r < top_n), low - (top & low), -1)
 
     @triton.jit
     def _arrive(CNT, pid):
@@ -653,19 +663,16 @@ if HAS_TRITON:
         score = tl.zeros([BLOCK_C], tl.float32)
         for gg in tl.static_range(G):
             score += tl.sum(tl.where(g[:, None] == gg, prob, 0.0), 0)
-        low = (1 << IDB) - 1
         cand = (c < NS) & (tl.load(SEND + b.to(tl.int64) * NS + c, mask=c < NS, other=2147483647) <= p)
-        key = tl.where(cand, ((score.to(tl.int32, bitcast=True) >> IDB) << IDB) + (low - c), -1)
         r = tl.arange(0, TOP_K)
-        tl.store(CAND + (pid * S1 + sp).to(tl.int64) * TOP_K + r, tl.topk(key, TOP_K))
+        tl.store(CAND + (pid * S1 + sp).to(tl.int64) * TOP_K + r, tl.topk(_block_keys(score, c, cand, IDB), TOP_K))
 
         if _arrive(CNT, pid) == 2 * S1 - 1:
             kept = tl.arange(0, S1P * TOP_K)
             keys = tl.load(CAND + pid.to(tl.int64) * S1 * TOP_K + kept, mask=kept < S1 * TOP_K, other=-1,
                            cache_modifier=".cg")
-            top = tl.topk(keys, TOP_K)
-            ids = tl.where((top >= 0) & (r < top_n), low - (top & low), -1)
-            tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, ids, mask=r < n_sel_max)
+            tl.store(SEL + pid.to(tl.int64) * n_sel_max + r, _block_ids(tl.topk(keys, TOP_K), r, top_n, IDB),
+                     mask=r < n_sel_max)
             tl.store(CNT + pid, 0)
 
     # tiles_per_split is not specialised: Triton's specialisation of an integer argument equal to 1 (one tile per
