@@ -124,6 +124,35 @@ def test_fullgraph_capture_wires_the_mask_inside_the_graph(form):
     assert rel(out, expected) <= 1e-5
 
 
+def test_training_graphs_keep_the_topn_for_the_backward(monkeypatch):
+    """Under autograd the rewrite emits ``nsa_attention_with_ids`` (its backward reuses the forward's top-n ids);
+    under ``no_grad`` (as every export captures) the plain ``nsa_attention``."""
+    from nsa_compile.backend import NSABackend
+
+    seen = []
+    inner = NSABackend._inner
+
+    def spy(self, gm, example_inputs, rewritten=True):
+        if rewritten:
+            seen.append({n.target for n in gm.graph.nodes if n.op == "call_function"})
+        return inner(self, gm, example_inputs, rewritten)
+
+    monkeypatch.setattr(NSABackend, "_inner", spy)
+    torch.manual_seed(0)
+    model = ToyVLM()
+    ids, pix = toy_inputs()
+    compiled = nsa_compile.compile(model, SMALL, fullgraph=True)
+    with_ids, plain = torch.ops.nsa_compile.nsa_attention_with_ids.default, torch.ops.nsa_compile.nsa_attention.default
+    out = compiled(ids, pix)
+    assert with_ids in seen[-1] and plain not in seen[-1]
+    out.square().mean().backward()
+    assert model.layers[0].q_proj.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        again = compiled(ids, pix)
+    assert plain in seen[-1] and with_ids not in seen[-1]
+    assert rel(again, out.detach()) <= 1e-6
+
+
 def test_backend_by_name_without_importing_us():
     code = (
         "import sys, torch\n"

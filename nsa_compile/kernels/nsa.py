@@ -218,16 +218,43 @@ def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, se
     return q.new_empty(q.shape[:3] + (v.shape[-1],))
 
 
+@torch.library.custom_op("nsa_compile::nsa_attention_with_ids", mutates_args=())
+def _nsa_attention_with_ids(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
+                            attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
+                            selection_block_size: int, top_n: int, window_size: int) -> tuple[Tensor, Tensor]:
+    """``nsa_attention`` for training: also returns the top-n block ids int32 [B, Hkv, Tq, top_n] of the Triton
+    path (−1 where none: rows without selection, fewer blocks than n, or the reference path, whose backward
+    recomputes), which its backward reuses instead of recomputing them (NSA §3.3.2: the choice is not
+    differentiated)."""
+    ids = torch.full((q.shape[0], k.shape[1], q.shape[2], top_n), -1, dtype=torch.int32, device=q.device)
+    route, key_valid = _route(q, k, v, attn_mask)
+    if route:
+        from .nsa_triton import nsa_triton_forward
+        check_inputs(q, k, v, gates, video_mask)
+        out = nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride, selection_block_size,
+                                 top_n, window_size, key_valid, selected_out=ids)
+        return out.contiguous(), ids
+    return nsa_reference(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
+                         selection_block_size, top_n, window_size), ids
+
+
+@_nsa_attention_with_ids.register_fake
+def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, selection_block_size, top_n,
+      window_size):
+    return (q.new_empty(q.shape[:3] + (v.shape[-1],)),
+            q.new_empty((q.shape[0], k.shape[1], q.shape[2], top_n), dtype=torch.int32))
+
+
 @torch.library.custom_op("nsa_compile::nsa_attention_backward", mutates_args=())
 def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
-                            selection_block_size: int, top_n: int, window_size: int
-                            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            selection_block_size: int, top_n: int, window_size: int,
+                            selected: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     route, key_valid = _route(q, k, v, attn_mask)
     if route:
         from .nsa_triton import nsa_triton_backward
         grads = nsa_triton_backward(grad_out, q, k, v, gates, video_mask, scale, block_size, block_stride,
-                                    selection_block_size, top_n, window_size, key_valid)
+                                    selection_block_size, top_n, window_size, key_valid, selected)
         return tuple(g.contiguous() for g in grads)
 
     # Recompute-based backward through the reference (torch.func.vjp: autograd is off inside an op's kernel);
@@ -252,14 +279,27 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, grad_out):
-    q, k, v, gates, video_mask, attn_mask = ctx.saved_tensors
+def _backward(ctx, grad_out, selected=None):
+    q, k, v, gates, video_mask, attn_mask = ctx.saved_tensors[:6]
     dq, dk, dv, dg = torch.ops.nsa_compile.nsa_attention_backward(grad_out.contiguous(), q, k, v, gates, video_mask,
-                                                                  attn_mask, *ctx.params)
+                                                                  attn_mask, *ctx.params, selected)
     return (dq, dk, dv, dg) + (None,) * 8
 
 
 _nsa_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _setup_context_with_ids(ctx, inputs, output):
+    q, k, v, gates, video_mask, attn_mask, *params = inputs
+    ctx.save_for_backward(q, k, v, gates, video_mask, attn_mask, output[1])
+    ctx.params = params
+
+
+def _backward_with_ids(ctx, grad_out, _grad_ids):
+    return _backward(ctx, grad_out, ctx.saved_tensors[6])
+
+
+_nsa_attention_with_ids.register_autograd(_backward_with_ids, setup_context=_setup_context_with_ids)
 
 
 # ``NSAConfig.decode == "sparse"``: the same inputs as nsa_attention (so the rewrite and the export see the same
@@ -297,14 +337,25 @@ _nsa_attention_sparse_decode.register_autograd(_sparse_backward, setup_context=_
 
 def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, config,
                   attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Call ``torch.ops.nsa_compile.nsa_attention`` (``nsa_attention_sparse_decode`` when ``config.decode`` is
+    """Call ``torch.ops.nsa_compile.nsa_attention`` (``nsa_attention_with_ids`` when autograd records it, so that
+    the backward reuses the forward's top-n; ``nsa_attention_sparse_decode`` when ``config.decode`` is
     ``"sparse"``) with the block sizes of an `NSAConfig`.
 
     Shapes, dtypes and errors as in `nsa_reference`; differentiable in q, k, v and gates (sparse decode: not for
     calls that extend a KV cache).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    op = (torch.ops.nsa_compile.nsa_attention_sparse_decode if getattr(config, "decode", "dense") == "sparse"
-          else torch.ops.nsa_compile.nsa_attention)
-    return op(q, k, v, gates, video_mask, attn_mask, scale, config.block_size, config.block_stride,
-              config.selection_block_size, config.top_n, config.window_size)
+    args = (q, k, v, gates, video_mask, attn_mask, scale, config.block_size, config.block_stride,
+            config.selection_block_size, config.top_n, config.window_size)
+    if getattr(config, "decode", "dense") == "sparse":
+        return torch.ops.nsa_compile.nsa_attention_sparse_decode(*args)
+    if records_grad(q, k, v, gates):
+        return torch.ops.nsa_compile.nsa_attention_with_ids(*args)[0]
+    return torch.ops.nsa_compile.nsa_attention(*args)
+
+
+def records_grad(*tensors) -> bool:
+    """Whether autograd records an op on ``tensors`` (grad mode on and one of them requiring grad): the rewrite
+    and `nsa_attention` then use ``nsa_attention_with_ids``, whose saved top-n ids spare the backward a second
+    top-n (~11 ms of shape A's backward at 128K)."""
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)

@@ -138,10 +138,15 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
 
 
 def _select(q: Tensor, k_cmp: Tensor, lse: Tensor, kend: Tensor, layout: VideoLayout, plan: SegmentPlan,
-            top_n: int, scale: float, segments: bool = True) -> None:
-    """Fill the selection plan: top-n block ids (`select_topn`) and, with ``segments``, the (start, length) of each
-    position's n blocks and own block, the segments the backward's query-tile pass reads."""
-    sel = select_topn(q, k_cmp, lse, kend, layout, plan.need, top_n, scale, plan.topn)  # [B, Hkv, Tq, n]
+            top_n: int, scale: float, segments: bool = True, selected: Tensor | None = None) -> None:
+    """Fill the selection plan: top-n block ids (`select_topn`, or ``selected`` int32 [B, Hkv, Tq, ≥ n] when the
+    forward's are at hand: the backward then differentiates exactly the forward's picks) and, with ``segments``,
+    the (start, length) of each position's n blocks and own block, the segments the backward's query-tile pass
+    reads."""
+    if selected is None:
+        sel = select_topn(q, k_cmp, lse, kend, layout, plan.need, top_n, scale, plan.topn)  # [B, Hkv, Tq, n]
+    else:
+        sel = selected[..., :min(top_n, layout.sel_block_start.shape[1])].contiguous()
     plan.selected = sel
     if not segments:
         return
@@ -258,7 +263,8 @@ def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_s
 
 def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, scale: float,
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
-                       key_valid: Tensor | None = None, _keep: dict | None = None) -> Tensor:
+                       key_valid: Tensor | None = None, _keep: dict | None = None,
+                       selected_out: Tensor | None = None) -> Tensor:
     """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
     fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
     An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
@@ -266,7 +272,8 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     (`kv_head_chunks`), so the fp32 accumulator of the gated sum never holds all heads at long context; the text
     rows' dense branch runs once, on CUDA on a side stream beside them (joined before the return).
     ``_keep`` (tests) receives the layout, the video-query flags and ``selected``, the top-n block ids
-    int32 [B, Hkv, Tq, n].
+    int32 [B, Hkv, Tq, n]. ``selected_out`` (int32 [B, Hkv, Tq, top_n], −1 filled by the caller) receives the top-n
+    block ids for `nsa_triton_backward`'s ``selected``.
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
@@ -317,6 +324,9 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
                             segments=not by_key)
                     if _keep is not None:
                         selected.append(branches["selection"][0].selected)
+                    if selected_out is not None:
+                        ids = branches["selection"][0].selected
+                        selected_out[:, h0:h0 + step, :, :ids.shape[-1]] = ids
         del acc
     if side is not None:
         main.wait_stream(side)  # q, k, v and the tables stay referenced (by the caller, the mask cache) until here
@@ -342,10 +352,11 @@ def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_
 
 def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                         scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
-                        window_size: int, key_valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, dgates) of `nsa_triton_forward` in the inputs' dtypes. Recomputes the softmax statistics and
-    the top-n blocks; gate gradients are ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated
-    (NSA §3.3.2). Deterministic.
+                        window_size: int, key_valid: Tensor | None = None, selected: Tensor | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, dgates) of `nsa_triton_forward` in the inputs' dtypes. Recomputes the softmax statistics, and
+    the top-n blocks unless ``selected`` (the forward's ``selected_out``) gives them; gate gradients are
+    ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated (NSA §3.3.2). Deterministic.
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
@@ -390,7 +401,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
             text_rows = (plan, kk, vv, lse, delta)
             continue
         if name == "compression":
-            _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale)
+            _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale, selected=selected)
             dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
                 vv.shape, dtype=torch.float32, device=q.device)
             segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dkc, dvc)

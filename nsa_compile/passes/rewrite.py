@@ -9,6 +9,7 @@ graphs (graph breaks put the merge and the decoder layers in different graphs).
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -18,6 +19,7 @@ from ..config import NSAConfig
 from ..gates import NSAGate, gate_forward
 from .attention import AttentionSite, _val
 from .video_mask import MaskSource, mask_from_input_ids, mask_from_merge
+from ..kernels.nsa import records_grad
 
 
 @dataclass
@@ -88,9 +90,15 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
             gates = graph.call_function(gate_forward, (env[site.hidden], gate.kind, gate.heads, gate.temperature,
                                                        tuple(config.gate_init), *gate_inputs))
             attn_mask = _op_mask(graph, env, site)
-            out = graph.call_function(_nsa_op(config), (
-                env[site.q], env[site.k], env[site.v], gates, mask, attn_mask, scale, config.block_size,
-                config.block_stride, config.selection_block_size, config.top_n, config.window_size))
+            args = (env[site.q], env[site.k], env[site.v], gates, mask, attn_mask, scale, config.block_size,
+                    config.block_stride, config.selection_block_size, config.top_n, config.window_size)
+            if config.decode != "sparse" and records_grad(_val(site.q), _val(site.k), _val(site.v),
+                                                          *gate.gate_parameters()):
+                # training: the op's twin that also returns the top-n ids, which its backward reuses
+                pair = graph.call_function(torch.ops.nsa_compile.nsa_attention_with_ids.default, args)
+                out = graph.call_function(operator.getitem, (pair, 0))
+            else:
+                out = graph.call_function(_nsa_op(config), args)
         out.meta.update(node.meta)
         node.replace_all_uses_with(out)
         _erase_dead(graph, node)
@@ -122,7 +130,6 @@ def _op_mask(graph: fx.Graph, env: dict, site: AttentionSite) -> fx.Node | None:
 def _nsa_op(config: NSAConfig):
     """``nsa_compile::nsa_attention``, or its twin with the same schema that keeps compressed video K/V for sparse
     decode when ``config.decode == "sparse"`` (`kernels.decode`)."""
-    import nsa_compile.kernels.nsa  # noqa: F401 - registers both ops
     if config.decode == "sparse":
         return torch.ops.nsa_compile.nsa_attention_sparse_decode.default
     return torch.ops.nsa_compile.nsa_attention.default

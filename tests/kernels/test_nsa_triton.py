@@ -629,3 +629,54 @@ def test_selection_dkdv_of_text_keys_in_pieces_equals_the_reference(monkeypatch)
     check(out, ref, 1e-5, "out")
     for name, g_, r in zip("qkvg", grads, ref_grads):
         check(g_, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backward_reuses_the_forward_topn(case):
+    """The forward's top-n ids (``selected_out``) handed to the backward give the gradients of the backward's own
+    top-n (the picks agree on these inputs: bit for bit), equal the ids the forward selected with, and are used:
+    ids of no block change the gradients wherever selection runs."""
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=3)
+    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    ids = torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32)
+    keep = {}
+    out = nsa_triton_forward(q, k, v, gates, vm, *params, _keep=keep, selected_out=ids)
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    own = nsa_triton_backward(go, q, k, v, gates, vm, *params)
+    reused = nsa_triton_backward(go, q, k, v, gates, vm, *params, selected=ids)
+    assert all(torch.equal(a, b) for a, b in zip(reused, own))
+    if keep["selected"] is None:  # no video: nothing selected
+        assert (ids == -1).all()
+        return
+    assert torch.equal(ids[..., :keep["selected"].shape[-1]], keep["selected"])
+    if (ids >= 0).any():
+        none = nsa_triton_backward(go, q, k, v, gates, vm, *params, selected=torch.full_like(ids, -1))
+        assert not torch.equal(none[0], own[0])
+
+
+def test_training_op_runs_the_kernels_and_their_backward(monkeypatch):
+    """``nsa_attention`` under autograd runs ``nsa_attention_with_ids`` (here forced onto the Triton path on CPU):
+    output and gradients as the fp64 reference, and the ids it saves are the forward's."""
+    from nsa_compile import NSAConfig
+    from nsa_compile.kernels import nsa as nsa_mod
+
+    monkeypatch.setattr(nsa_mod, "_route", lambda q, k, v, m: (True, None))
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES["B2-HQ6-H2-T80-two-spans"]
+    cfg = NSAConfig(block_size=l, block_stride=d, selection_block_size=ls, top_n=n, window_size=w)
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=5)
+    vm = spans(B, Tk, ranges)
+    inputs = [x.clone().requires_grad_() for x in (q, k, v, gates)]
+    out = nsa_mod.nsa_attention(*inputs, vm, cfg)
+    assert "nsa_attention_with_ids" in out.grad_fn.name()
+    go = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
+    out.backward(go)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
+    ref = nsa_reference(*ref_in, vm, None, None, l, d, ls, n, w)
+    ref.backward(go.double())
+    assert rel(out.double(), ref) <= 1e-5
+    for a, b in zip(inputs, ref_in):
+        assert rel(a.grad.double(), b.grad) <= 1e-5
+    with torch.no_grad():
+        assert torch.equal(nsa_mod.nsa_attention(q, k, v, gates, vm, cfg), out.detach())
