@@ -221,40 +221,45 @@ def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, se
 @torch.library.custom_op("nsa_compile::nsa_attention_with_ids", mutates_args=())
 def _nsa_attention_with_ids(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
-                            selection_block_size: int, top_n: int, window_size: int) -> tuple[Tensor, Tensor]:
-    """``nsa_attention`` for training: also returns the top-n block ids int32 [B, Hkv, Tq, top_n] of the Triton
-    path (−1 where none: rows without selection, fewer blocks than n, or the reference path, whose backward
-    recomputes), which its backward reuses instead of recomputing them (NSA §3.3.2: the choice is not
-    differentiated)."""
+                            selection_block_size: int, top_n: int, window_size: int
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``nsa_attention`` for training: also returns what its backward reuses instead of recomputing, from the
+    Triton path: the top-n block ids int32 [B, Hkv, Tq, top_n] (−1 where none: rows without selection, fewer
+    blocks than n, or the reference path, whose backward recomputes; NSA §3.3.2: the choice is not
+    differentiated) and the selection branch's log-sum-exp fp32 [B, Hq, Tq] (0 where none)."""
     ids = torch.full((q.shape[0], k.shape[1], q.shape[2], top_n), -1, dtype=torch.int32, device=q.device)
+    lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
     route, key_valid = _route(q, k, v, attn_mask)
     if route:
         from .nsa_triton import nsa_triton_forward
         check_inputs(q, k, v, gates, video_mask)
         out = nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride, selection_block_size,
-                                 top_n, window_size, key_valid, selected_out=ids)
-        return out.contiguous(), ids
+                                 top_n, window_size, key_valid, selected_out=ids, selection_lse_out=lse)
+        return out.contiguous(), ids, lse
     return nsa_reference(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
-                         selection_block_size, top_n, window_size), ids
+                         selection_block_size, top_n, window_size), ids, lse
 
 
 @_nsa_attention_with_ids.register_fake
 def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, selection_block_size, top_n,
       window_size):
     return (q.new_empty(q.shape[:3] + (v.shape[-1],)),
-            q.new_empty((q.shape[0], k.shape[1], q.shape[2], top_n), dtype=torch.int32))
+            q.new_empty((q.shape[0], k.shape[1], q.shape[2], top_n), dtype=torch.int32),
+            q.new_empty(q.shape[:3], dtype=torch.float32))
 
 
 @torch.library.custom_op("nsa_compile::nsa_attention_backward", mutates_args=())
 def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
                             selection_block_size: int, top_n: int, window_size: int,
-                            selected: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                            selected: Tensor | None = None, selection_lse: Tensor | None = None,
+                            out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     route, key_valid = _route(q, k, v, attn_mask)
     if route:
         from .nsa_triton import nsa_triton_backward
         grads = nsa_triton_backward(grad_out, q, k, v, gates, video_mask, scale, block_size, block_stride,
-                                    selection_block_size, top_n, window_size, key_valid, selected)
+                                    selection_block_size, top_n, window_size, key_valid, selected, selection_lse,
+                                    out)
         return tuple(g.contiguous() for g in grads)
 
     # Recompute-based backward through the reference (torch.func.vjp: autograd is off inside an op's kernel);
@@ -279,10 +284,10 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, grad_out, selected=None):
+def _backward(ctx, grad_out, *forward_state):
     q, k, v, gates, video_mask, attn_mask = ctx.saved_tensors[:6]
     dq, dk, dv, dg = torch.ops.nsa_compile.nsa_attention_backward(grad_out.contiguous(), q, k, v, gates, video_mask,
-                                                                  attn_mask, *ctx.params, selected)
+                                                                  attn_mask, *ctx.params, *forward_state)
     return (dq, dk, dv, dg) + (None,) * 8
 
 
@@ -291,12 +296,13 @@ _nsa_attention.register_autograd(_backward, setup_context=_setup_context)
 
 def _setup_context_with_ids(ctx, inputs, output):
     q, k, v, gates, video_mask, attn_mask, *params = inputs
-    ctx.save_for_backward(q, k, v, gates, video_mask, attn_mask, output[1])
+    out, ids, lse = output
+    ctx.save_for_backward(q, k, v, gates, video_mask, attn_mask, ids, lse, out)
     ctx.params = params
 
 
-def _backward_with_ids(ctx, grad_out, _grad_ids):
-    return _backward(ctx, grad_out, ctx.saved_tensors[6])
+def _backward_with_ids(ctx, grad_out, _grad_ids, _grad_lse):
+    return _backward(ctx, grad_out, *ctx.saved_tensors[6:])
 
 
 _nsa_attention_with_ids.register_autograd(_backward_with_ids, setup_context=_setup_context_with_ids)

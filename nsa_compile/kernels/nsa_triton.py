@@ -25,11 +25,12 @@ from torch import Tensor
 from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
-                                SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan, TopnGeometry,
-                                segment_attention_bwd, segment_attention_fwd, select_topn, selection_fwd,
-                                topn_geometry)
+                                SELECTION_BWD_PARTIAL_BYTES, SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan,
+                                TopnGeometry, segment_attention_bwd, segment_attention_fwd, select_topn,
+                                selection_bwd, selection_fwd, topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
+BACKWARD_ORDER_BY_KEY = ("dense", "compression", "window", "selection")  # selection's delta needs the others'
 
 
 def _pow2_block(n: int) -> int:
@@ -241,6 +242,8 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
     text = SELECTION_TEXT_PARTIAL_BYTES  # at most: the selection's partial dk/dv of text keys
+    if Hq // Hkv <= SELECTION_BY_KEY_MAX_GROUP:  # the selection by key: per-segment dq, Σ P·dP, flags; the delta
+        csr += min(SELECTION_BWD_PARTIAL_BYTES, B * Hq * Tq * (top_n + 2) * (Dp * itemsize + 5)) + rows // 4
     return pad * 2 + grads + rows + sel + layout + text + max(csr, B * Hq * Tq * 3 * 4, partial)
 
 
@@ -264,7 +267,7 @@ def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_s
 def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, scale: float,
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
                        key_valid: Tensor | None = None, _keep: dict | None = None,
-                       selected_out: Tensor | None = None) -> Tensor:
+                       selected_out: Tensor | None = None, selection_lse_out: Tensor | None = None) -> Tensor:
     """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
     fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
     An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
@@ -273,7 +276,8 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     rows' dense branch runs once, on CUDA on a side stream beside them (joined before the return).
     ``_keep`` (tests) receives the layout, the video-query flags and ``selected``, the top-n block ids
     int32 [B, Hkv, Tq, n]. ``selected_out`` (int32 [B, Hkv, Tq, top_n], −1 filled by the caller) receives the top-n
-    block ids for `nsa_triton_backward`'s ``selected``.
+    block ids for `nsa_triton_backward`'s ``selected``; ``selection_lse_out`` (fp32 [B, Hq, Tq]) the selection
+    branch's log-sum-exp of the video rows (0 in the others), for its ``selection_lse``.
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
@@ -319,6 +323,8 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
                 run = selection_fwd if name == "selection" and by_key else segment_attention_fwd
                 lse = run(qc, kc, vc, scale, plan, g, acc=acc, first=name == "compression",
                           out=out[:, hq] if name == last else None)[0]
+                if name == "selection" and selection_lse_out is not None:  # rows without selection: 0
+                    selection_lse_out[:, hq] = torch.where(lse.isnan(), 0.0, lse)
                 if name == "compression":
                     _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale,
                             segments=not by_key)
@@ -333,6 +339,13 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     if _keep is not None:
         _keep.update(layout=layout, video_q=video_q, selected=torch.cat(selected, 1) if selected else None)
     return out
+
+
+def _rowdot(a: Tensor, b: Tensor) -> Tensor:
+    """fp32 [B, H, T]: Σ_d a·b over b's last dim (a may be wider: zero padding), one head at a time (no fp32 copy
+    of whole tensors)."""
+    return torch.stack([torch.linalg.vecdot(a[:, h, :, :b.shape[-1]].float(), b[:, h].float())
+                        for h in range(b.shape[1])], 1)
 
 
 def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_stride: int) -> Tensor:
@@ -352,11 +365,15 @@ def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_
 
 def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                         scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
-                        window_size: int, key_valid: Tensor | None = None, selected: Tensor | None = None
+                        window_size: int, key_valid: Tensor | None = None, selected: Tensor | None = None,
+                        selection_lse: Tensor | None = None, out: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dgates) of `nsa_triton_forward` in the inputs' dtypes. Recomputes the softmax statistics, and
     the top-n blocks unless ``selected`` (the forward's ``selected_out``) gives them; gate gradients are
     ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated (NSA §3.3.2). Deterministic.
+    With ``selected``, ``selection_lse`` (the forward's ``selection_lse_out``) and ``out`` (the forward's output)
+    and a GQA group up to `SELECTION_BY_KEY_MAX_GROUP`, the selection branch's backward runs by key segment
+    (`segment_attention.selection_bwd`), its delta from the output less the other branches' (FlashAttention-2).
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
@@ -376,6 +393,9 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dgates = torch.zeros(g.shape, dtype=torch.float32, device=q.device)
     vq = video_q[:, None, :]
+    by_key = (selected is not None and selection_lse is not None and out is not None and "selection" in branches
+              and Hq // k.shape[1] <= SELECTION_BY_KEY_MAX_GROUP)
+    video_deltas = []  # gate·Σ dO·o of the video rows' other branches, whose sum with the selection's is Σ dO·out
     # Text rows' pass (dense: few rows, each over every key, so a few long programs) runs on CUDA on the side stream
     # beside the video rows' passes, which write other rows of dq; its dk/dv, added to the same dk, dv as theirs,
     # follows the join (a 16-token text before a 128K video and a 48-token prompt after it: see BENCHMARKS.md,
@@ -385,10 +405,15 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         main = torch.cuda.current_stream(q.device)
         side = _side_stream(q.device)
         side.wait_stream(main)
-    for name in ORDER:
+    for name in BACKWARD_ORDER_BY_KEY if by_key else ORDER:
         if name not in branches:
             continue
         plan, kk, vv = branches[name]
+        if name == "selection" and by_key:
+            d_slc = torch.where(vq, _rowdot(go, out) - sum(video_deltas), 0.0).contiguous()
+            rowd = selection_bwd(q, kk, vv, go, g, selection_lse.contiguous(), d_slc, scale, plan, dq, dk, dv)
+            dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
+            continue
         on_side = name == "dense" and side is not None
         with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
             lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq)
@@ -400,8 +425,11 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         if on_side:
             text_rows = (plan, kk, vv, lse, delta)
             continue
+        if name != "dense":
+            video_deltas.append(delta)
         if name == "compression":
-            _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale, selected=selected)
+            _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale, segments=not by_key,
+                    selected=selected)
             dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
                 vv.shape, dtype=torch.float32, device=q.device)
             segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dkc, dvc)

@@ -330,24 +330,24 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
             tile = tl.where(e < t_hi, e, n_tiles)
         _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D,
                                                  RT)
-        if tl.max(valid.to(tl.int32), axis=0) > 0:
-            do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
-            lse = tl.load(LSE + row, mask=valid, other=float("inf"))
-            delta = tl.load(DELTA + row, mask=valid, other=0.0)
-            if MODE == 3:  # every listed position reads the block (causally); text: every later position
-                vis = (c[None, :] <= p[:, None]) & c_ok[None, :]
-                if HAS_KMASK:
-                    vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
-            else:
-                vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
-                               b.to(tl.int64) * Tk, HAS_KMASK)
-            vis = vis & valid[:, None]
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-            pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = pr * (dp - delta[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-            dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
+        # no branch on steps without valid rows (their loads are masked, their P is 0): the loop can pipeline
+        do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
+        lse = tl.load(LSE + row, mask=valid, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        if MODE == 3:  # every listed position reads the block (causally); text: every later position
+            vis = (c[None, :] <= p[:, None]) & c_ok[None, :]
+            if HAS_KMASK:
+                vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
+        else:
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
+                           b.to(tl.int64) * Tk, HAS_KMASK)
+        vis = vis & valid[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = pr * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
     kv_off = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * Nk
     pk = DK + (kv_off + c)[:, None] * D + d[None, :]
     pv = DV_ + (kv_off + c)[:, None] * DV + dv[None, :]
@@ -476,6 +476,122 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
         gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
     _write_rows(acc / l_safe[:, None], gate, ACC, OUT, row[:, None] * DV + dv[None, :], b, hkv, t, valid, sob, soh,
                 sot, dv_out, G, GP, BLOCK_T, DV, GI, ACC_IN, TO_OUT)
+
+
+
+@triton.jit
+def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, DV_, TDK, TDV, LIST, WALK, BSTART,
+                            BLEN, TXT, NEED, KVALID, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                            Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
+                            G: tl.constexpr, HKV: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                            D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSLOT: tl.constexpr,
+                            PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """The selection branch's backward by key segment (program kid, bh) for positions t0 … t0+P−1, the readers of
+    `_selection_partials`: the segment's K/V tile is loaded once, and each reading (position, head) row, with
+    its softmax statistic LSE and DELTA = gate·Σ_d dO·o_slc (fp32 [B, Hq, Tq], known before: from the forward),
+    gives P = exp(s − lse), dP = dO·v, dS = P (gate·dP − delta) (NSA eq. 5 through the softmax): at
+    [bh, t − t0, slot, g] its dq over this segment (DQP, scale·dS·k, DQP's dtype), its Σ_j P_j dP_j (RDP, fp32:
+    the gate gradient's share) and SEEN = 1; the segment's dk += scale·dSᵀq, dv += (gate·P)ᵀ dO are added to
+    DK, DV (fp32 [B·Hkv, Tk, ·]; a selection block has one program per chunk of positions) or, for a piece of a
+    text chunk, to its slice of TDK, TDV (as in `_bwd_dkdv`)."""
+    kid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    walk = WALK + (bh.to(tl.int64) * (Ns + n_txt * n_pieces) + kid) * 2
+    e_lo = tl.load(walk)
+    e_hi = tl.load(walk + 1)
+    if e_lo >= e_hi:
+        return
+    txt = (kid - Ns) // n_pieces
+    if kid < Ns:
+        start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
+        length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
+    else:
+        start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
+        length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
+    c, c_ok, k, v = _segment_kv(K, V, b, hkv, start, length, Tk, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV)
+    key_ok = c_ok
+    if HAS_KMASK:
+        c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
+    d = tl.arange(0, D)
+    dv = tl.arange(0, DV)
+    RT: tl.constexpr = ROWS // G
+    r = tl.arange(0, ROWS)
+    g = r % G
+    h = hkv * G + g
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dvv = tl.zeros([BLOCK_N, DV], tl.float32)
+    for i in range(e_lo, e_hi, RT):
+        e = i + r // G
+        ok = (e < e_hi) & (r < RT * G)
+        if kid < Ns:
+            f = tl.load(LIST + bh.to(tl.int64) * n_list + e, mask=ok, other=0)
+            t = f // (NSEL + 1)
+            slot = f % (NSEL + 1)
+        else:
+            t = e
+            slot = e * 0 + (NSEL + 1 + txt)
+            ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
+        q = tl.load((Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt)[:, None] + d[None, :],
+                    mask=ok[:, None], other=0.0)
+        row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
+        do = tl.load(DO + row[:, None] * DV + dv[None, :], mask=ok[:, None], other=0.0)
+        lse = tl.load(LSE + row, mask=ok, other=float("inf"))
+        delta = tl.load(DELTA + row, mask=ok, other=0.0)
+        gate = tl.load(GATE + row * 3 + 1, mask=ok, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        vis = (c[None, :] <= (Tk - Tq + t)[:, None]) & c_ok[None, :] & ok[:, None]
+        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = pr * (gate[:, None] * dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+        idx = ((bh.to(tl.int64) * P + (t - t0)) * NSLOT + slot) * G + g
+        tl.store(RDP + idx, tl.sum(pr * dp, axis=1), mask=ok)
+        tl.store(SEEN + idx, tl.full([ROWS], 1, tl.int8), mask=ok)
+        tl.store(DQP + idx[:, None] * D + d[None, :], dq.to(DQP.dtype.element_ty), mask=ok[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dvv += tl.dot(tl.trans((pr * gate[:, None]).to(do.dtype)), do, input_precision=PRECISION)
+    pk = DK + (bh.to(tl.int64) * Tk + c)[:, None] * D + d[None, :]
+    pv = DV_ + (bh.to(tl.int64) * Tk + c)[:, None] * DV + dv[None, :]
+    if kid >= Ns:  # a piece of a text chunk's readers: its own slice of TDK, TDV
+        tp = (bh.to(tl.int64) * (tl.num_programs(0) - Ns) + kid - Ns) * BLOCK_N + tl.arange(0, BLOCK_N)
+        pk = TDK + tp[:, None] * D + d[None, :]
+        pv = TDV + tp[:, None] * DV + dv[None, :]
+    tl.store(pk, tl.load(pk, mask=key_ok[:, None], other=0.0) + dk * scale, mask=key_ok[:, None])
+    tl.store(pv, tl.load(pv, mask=key_ok[:, None], other=0.0) + dvv, mask=key_ok[:, None])
+
+
+@triton.jit
+def _selection_bwd_combine(DQP, RDP, SEEN, DQ, RD, NEED, Tq, t0, P, G: tl.constexpr, GP: tl.constexpr,
+                           HKV: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, NSLOT: tl.constexpr):
+    """Rows of a tile of positions t0 + tile·BLOCK_T …: DQ[row] += the sum of its segments' dq (DQP) and RD[row] =
+    the sum of their Σ_j P_j dP_j (RDP), over the slots `_selection_bwd_partials` wrote (SEEN), in slot order
+    (deterministic)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    r = tl.arange(0, BLOCK_T * GP)
+    g = r % GP
+    t = t0 + tile * BLOCK_T + r // GP
+    valid = (g < G) & (t < Tq) & (t < t0 + P)
+    valid = valid & (tl.load(NEED + b * Tq + t, mask=valid, other=0) != 0)
+    if tl.max(valid.to(tl.int32), axis=0) == 0:
+        return
+    d = tl.arange(0, D)
+    dq = tl.zeros([BLOCK_T * GP, D], tl.float32)
+    rd = tl.zeros([BLOCK_T * GP], tl.float32)
+    base = (bh.to(tl.int64) * P + (t - t0)) * NSLOT
+    for s in range(0, NSLOT):
+        idx = (base + s) * G + g
+        seen = valid & (tl.load(SEEN + idx, mask=valid, other=0) != 0)
+        rd += tl.load(RDP + idx, mask=seen, other=0.0)
+        dq += tl.load(DQP + idx[:, None] * D + d[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+    row = (b.to(tl.int64) * (HKV * G) + hkv * G + g) * Tq + t
+    tl.store(RD + row, rd, mask=valid)
+    dq_ptr = DQ + row[:, None] * D + d[None, :]
+    tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
 
 
 # -------------------------------------------------------------------------------------------------- host side
@@ -854,6 +970,71 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
             G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first,
             TO_OUT=out is not None, **combine_options)
     return lse, None
+
+
+# The selection backward by key segment (`selection_bwd`) keeps one dq (inputs' dtype) and Σ P·dP (fp32) per
+# position, head and segment for a chunk of positions at a time, as many positions as fit in this many bytes: each
+# chunk re-reads and re-writes the fp32 dk, dv of every block it touches, so chunks are larger than the forward's.
+SELECTION_BWD_PARTIAL_BYTES = 1 << 30
+# `_selection_bwd_partials` in half precision: rows (positions × the group, packed) per step, launch options.
+SELECTION_BWD_LAUNCH = (128, dict(num_warps=8, num_stages=2))
+
+
+def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dq, dk, dv):
+    """The selection branch's backward by key segment (the readers and chunks of `selection_fwd`): each
+    selected block (and chunk of text keys) is loaded once per chunk of positions, and every (position, head) row
+    that reads it adds there to the block's dk, dv and to its own per-segment dq (`_selection_bwd_partials`);
+    `_selection_bwd_combine` sums each row's segments into ``dq``. Needs the forward's softmax statistic and
+    ``delta`` instead of a pass over the blocks by query tile (FlashAttention-2's backward: delta from the saved
+    output, NSA eq. 5).
+
+    Args:
+        q [B, Hq, Tq, D], k [B, Hkv, Tk, D], v [B, Hkv, Tk, Dv]; grad_out contiguous [B, Hq, Tq, Dv] (dO of the
+        op's output, not gated); gates fp32 contiguous [B, Hq, Tq, 3]; lse fp32 [B, Hq, Tq], the branch's
+        log-sum-exp from the forward; delta fp32 contiguous [B, Hq, Tq], ``g_slc · Σ_d dO·o_slc``; plan: a
+        SELECTION plan with ``selected``; dq fp32 [B, Hq, Tq, D], dk / dv fp32 [B, Hkv, Tk, ·] (contiguous),
+        accumulated in place.
+    Returns:
+        fp32 [B, Hq, Tq]: ``Σ_d dO·o_slc`` of the needed rows (the selection gate's gradient), NaN elsewhere.
+    """
+    B, Hq, Tq, D = q.shape
+    Hkv, Tk, Dv = k.shape[1], k.shape[2], v.shape[-1]
+    G, GP, _ = _geometry(Hq, Hkv, q.dtype, DENSE)
+    combine_rows, combine_options = SELECTION_COMBINE_LAUNCH
+    BLOCK_T = max(1, combine_rows // GP)
+    tables, Ns, n_txt, nsel = plan.tables(q.device)
+    nslot = nsel + 1 + n_txt
+    per_position = B * Hkv * G * nslot * (D * q.element_size() + 5)
+    P = min(Tq, max(BLOCK_T, SELECTION_BWD_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
+    half = q.dtype != torch.float32
+    rows, options = SELECTION_BWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
+    rows = max(rows, GP)
+    piece = 4 * (rows // G)
+    entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=piece)
+    n_pieces = triton.cdiv(P, piece)
+    dq_part = torch.empty(B * Hkv * P * nslot * G * D, dtype=q.dtype, device=q.device)
+    rd_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
+    seen = torch.empty(B * Hkv * P * nslot * G, dtype=torch.int8, device=q.device)
+    tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
+    if n_txt:
+        tdk = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, D, dtype=torch.float32, device=q.device)
+        tdv = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, Dv, dtype=torch.float32, device=q.device)
+    rowd = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    for t0 in range(0, Tq, P):
+        seen.zero_()  # slots no segment writes (fewer than n candidates, text not yet seen)
+        _selection_bwd_partials[(Ns + n_txt * n_pieces, B * Hkv)](
+            q, k, v, grad_out, gates, lse, delta, dq_part, rd_part, seen, dk, dv, tdk, tdv, entries, walk[t0 // P],
+            tables["block_start"], tables["block_len"], tables["text"], tables["need"], tables["key_valid"],
+            *strides, Tq, Tk, Ns, n_txt, n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows,
+            BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
+            HAS_KMASK=plan.key_valid is not None, **options)
+        _selection_bwd_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
+            dq_part, rd_part, seen, dq, rowd, tables["need"], Tq, t0, P, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, D=D,
+            NSLOT=nslot, **combine_options)
+    if n_txt:
+        _add_text_partials(dk, dv, tdk, tdv, plan.text, n_pieces)
+    return rowd
 
 
 @triton.jit

@@ -33,9 +33,11 @@ def block_structured(k, block=64, strength=1.0, seed=0):
     return (k.float() + strength * shared.repeat_interleave(block, 2)[:, :, :T]).to(k.dtype)
 
 
-def run_both(case, dtype, seed=0, key_mean=0.0):
+def run_both(case, dtype, seed=0, key_mean=0.0, forward_state=False):
     """Forward and gradients of the Triton path and of the fp64 reference on the case's random inputs; with
-    ``key_mean``, every key is shifted by that many times one random vector (keys of a large common mean)."""
+    ``key_mean``, every key is shifted by that many times one random vector (keys of a large common mean); with
+    ``forward_state``, the backward gets the forward's top-n ids, selection log-sum-exp and output (the training
+    op's: its selection backward then runs by key segment for groups up to 8)."""
     B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
     q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=dtype, seed=seed)
     if key_mean:
@@ -46,8 +48,13 @@ def run_both(case, dtype, seed=0, key_mean=0.0):
     ref = nsa_reference(*ref_in, vm, None, *params)
     go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     ref.backward(go)
-    out = nsa_triton_forward(q, k, v, gates, vm, *params)
-    grads = nsa_triton_backward(go.to(dtype), q, k, v, gates, vm, *params)
+    state = {}
+    if forward_state:
+        state = dict(selected=torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32),
+                     selection_lse=torch.zeros(B, Hq, Tq))
+    out = nsa_triton_forward(q, k, v, gates, vm, *params, selected_out=state.get("selected"),
+                             selection_lse_out=state.get("selection_lse"))
+    grads = nsa_triton_backward(go.to(dtype), q, k, v, gates, vm, *params, **state, out=out if state else None)
     return out, ref, grads, [torch.zeros_like(x) if x.grad is None else x.grad for x in ref_in]
 
 
@@ -58,11 +65,14 @@ def check(a, b, tol, name=""):
         assert rel(a.double(), b) <= tol, name
 
 
+@pytest.mark.parametrize("forward_state", [False, True], ids=["recomputed", "forward-state"])
 @pytest.mark.parametrize("case,dtype,tol", [(c, torch.float32, 1e-5) for c in CASES]
                          + [(c, torch.float16, 1e-2) for c in ("B1-HQ7-H1-T90-group7",)],  # more fp16: test_fuzz
                          ids=[f"fp32-{c}" for c in CASES] + ["fp16-B1-HQ7-H1-T90-group7"])
-def test_triton_interpreter_against_reference(case, dtype, tol):
-    out, ref, grads, ref_grads = run_both(case, dtype)
+def test_triton_interpreter_against_reference(case, dtype, tol, forward_state):
+    """Without the forward's state the backward recomputes the top-n and runs the selection by query tile; with it
+    (the training op) the selection runs by key segment (groups up to 8; `test_selection_backward_by_key_runs`)."""
+    out, ref, grads, ref_grads = run_both(case, dtype, forward_state=forward_state)
     assert out.dtype == dtype
     check(out, ref.detach(), tol)
     for name, g, r in zip("qkvg", grads, ref_grads):
@@ -629,6 +639,26 @@ def test_selection_dkdv_of_text_keys_in_pieces_equals_the_reference(monkeypatch)
     check(out, ref, 1e-5, "out")
     for name, g_, r in zip("qkvg", grads, ref_grads):
         check(g_, r, 1e-5, name)
+
+
+@pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
+def test_selection_backward_by_key_runs_in_position_chunks(case, monkeypatch):
+    """With the forward's state the selection backward runs by key segment (`selection_bwd`), one chunk of
+    positions at a time (`SELECTION_BWD_PARTIAL_BYTES`; text chunks' readers in pieces summed over the chunks):
+    with chunks of one combine tile, and with one chunk, every gradient equals the fp64 reference's (fp32, 1e-5)."""
+    from nsa_compile.kernels import segment_attention as sa
+
+    calls = []
+    real = sa.selection_bwd
+    monkeypatch.setattr(sa, "selection_bwd", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr("nsa_compile.kernels.nsa_triton.selection_bwd", sa.selection_bwd)
+    for partial_bytes in (1, 1 << 30):
+        monkeypatch.setattr(sa, "SELECTION_BWD_PARTIAL_BYTES", partial_bytes)
+        out, ref, grads, ref_grads = run_both(case, torch.float32, seed=8, forward_state=True)
+        check(out, ref, 1e-5, "out")
+        for name, g_, r in zip("qkvg", grads, ref_grads):
+            check(g_, r, 1e-5, name)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("case", list(CASES))
