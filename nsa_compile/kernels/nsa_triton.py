@@ -26,7 +26,7 @@ from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
                                 SELECTION_BWD_PARTIAL_BYTES, SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan,
-                                TopnGeometry, segment_attention_bwd, segment_attention_fwd, select_topn,
+                                TopnGeometry, row_dot, segment_attention_bwd, segment_attention_fwd, select_topn,
                                 selection_bwd, selection_fwd, topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
@@ -199,6 +199,10 @@ def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 # query tile's with the blocks each position reads (top-n), the group sharing every load: on an H100 at 128K, group
 # 7 (shape A) 69 against 80 ms per forward, group 16 (shape B) 86 against 44 (BENCHMARKS.md, twelfth session).
 SELECTION_BY_KEY_MAX_GROUP = 8
+# The backward's selection runs by key segment (`segment_attention.selection_bwd`, given the forward's top-n and
+# log-sum-exp) for GQA groups up to this size: on an H100 at 128K, forward+backward of group 7 (shape A) 349 against
+# 262 ms, group 16 (shape B) 302 against 276 (BENCHMARKS.md, sixteenth session); larger groups were not measured.
+SELECTION_BWD_BY_KEY_MAX_GROUP = 16
 
 # The forward's fp32 accumulator is allocated per chunk of KV heads (with their GQA groups) of at most this many
 # bytes, so its peak stays near the output's size at long context; below it, one chunk (fewer, fuller launches).
@@ -242,8 +246,9 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
     text = SELECTION_TEXT_PARTIAL_BYTES  # at most: the selection's partial dk/dv of text keys
-    if Hq // Hkv <= SELECTION_BY_KEY_MAX_GROUP:  # the selection by key: per-segment dq, Σ P·dP, flags; the delta
-        csr += min(SELECTION_BWD_PARTIAL_BYTES, B * Hq * Tq * (top_n + 2) * (Dp * itemsize + 5)) + rows // 4
+    if Hq // Hkv <= SELECTION_BWD_BY_KEY_MAX_GROUP:  # the selection by key: per-segment dq, Σ P·dP, flags, delta
+        budget = max(SELECTION_BWD_PARTIAL_BYTES, B * Hq * Tq * Dvp * itemsize)
+        csr += min(budget, B * Hq * Tq * (top_n + 2) * (Dp * itemsize + 5)) + rows // 4
     return pad * 2 + grads + rows + sel + layout + text + max(csr, B * Hq * Tq * 3 * 4, partial)
 
 
@@ -341,13 +346,6 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     return out
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """fp32 [B, H, T]: Σ_d a·b over b's last dim (a may be wider: zero padding), one head at a time (no fp32 copy
-    of whole tensors)."""
-    return torch.stack([torch.linalg.vecdot(a[:, h, :, :b.shape[-1]].float(), b[:, h].float())
-                        for h in range(b.shape[1])], 1)
-
-
 def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_stride: int) -> Tensor:
     """Backward of mean pooling: key j gets Σ over the compression blocks holding it of d_cmp[c] / block_size.
     d_cmp [B, Hkv, Nc, D] → [B, Hkv, Tk, D]; summed in a fixed order (deterministic)."""
@@ -372,7 +370,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     the top-n blocks unless ``selected`` (the forward's ``selected_out``) gives them; gate gradients are
     ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated (NSA §3.3.2). Deterministic.
     With ``selected``, ``selection_lse`` (the forward's ``selection_lse_out``) and ``out`` (the forward's output)
-    and a GQA group up to `SELECTION_BY_KEY_MAX_GROUP`, the selection branch's backward runs by key segment
+    and a GQA group up to `SELECTION_BWD_BY_KEY_MAX_GROUP`, the selection branch's backward runs by key segment
     (`segment_attention.selection_bwd`), its delta from the output less the other branches' (FlashAttention-2).
 
     Raises:
@@ -394,7 +392,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     dgates = torch.zeros(g.shape, dtype=torch.float32, device=q.device)
     vq = video_q[:, None, :]
     by_key = (selected is not None and selection_lse is not None and out is not None and "selection" in branches
-              and Hq // k.shape[1] <= SELECTION_BY_KEY_MAX_GROUP)
+              and Hq // k.shape[1] <= SELECTION_BWD_BY_KEY_MAX_GROUP)
     video_deltas = []  # gate·Σ dO·o of the video rows' other branches, whose sum with the selection's is Σ dO·out
     # Text rows' pass (dense: few rows, each over every key, so a few long programs) runs on CUDA on the side stream
     # beside the video rows' passes, which write other rows of dq; its dk/dv, added to the same dk, dv as theirs,
@@ -410,7 +408,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
             continue
         plan, kk, vv = branches[name]
         if name == "selection" and by_key:
-            d_slc = torch.where(vq, _rowdot(go, out) - sum(video_deltas), 0.0).contiguous()
+            d_slc = torch.where(vq, row_dot(go, out) - sum(video_deltas), 0.0).contiguous()
             rowd = selection_bwd(q, kk, vv, go, g, selection_lse.contiguous(), d_slc, scale, plan, dq, dk, dv)
             dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
             continue

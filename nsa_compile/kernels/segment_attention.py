@@ -594,6 +594,17 @@ def _selection_bwd_combine(DQP, RDP, SEEN, DQ, RD, NEED, Tq, t0, P, G: tl.conste
     tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
 
 
+@triton.jit
+def _row_dot(A, B_, OUT, n_rows, W, sa, sb, ROWS: tl.constexpr, WP: tl.constexpr):
+    """OUT[r] = Σ_{j < W} A[r·sa + j]·B_[r·sb + j] in fp32 for ``ROWS`` rows per program."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    j = tl.arange(0, WP)
+    m = (r < n_rows)[:, None] & (j < W)[None, :]
+    a = tl.load(A + r[:, None] * sa + j[None, :], mask=m, other=0.0).to(tl.float32)
+    b = tl.load(B_ + r[:, None] * sb + j[None, :], mask=m, other=0.0).to(tl.float32)
+    tl.store(OUT + r, tl.sum(a * b, axis=1), mask=r < n_rows)
+
+
 # -------------------------------------------------------------------------------------------------- host side
 def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int = DENSE, halve: bool = False):
     """(G, G rounded up to a power of two, positions per tile). Contiguous-key modes take 128 rows per tile (64 in
@@ -972,12 +983,27 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
     return lse, None
 
 
+def row_dot(a, b):
+    """fp32 [B, H, T]: Σ_d a·b per row of a, b [B, H, T, ·] (last strides 1; over b's width: a may be wider, e.g.
+    zero-padded), products and sums in fp32 (FlashAttention-2's delta = Σ_d dO·O)."""
+    B, H, T, W = b.shape
+    a2, b2 = a.reshape(B * H * T, a.shape[-1]), b.reshape(B * H * T, W)
+    out = torch.empty(B, H, T, dtype=torch.float32, device=b.device)
+    rows = 32
+    _row_dot[(triton.cdiv(B * H * T, rows),)](a2, b2, out, B * H * T, W, a2.stride(0), b2.stride(0), ROWS=rows,
+                                               WP=triton.next_power_of_2(W))
+    return out
+
+
 # The selection backward by key segment (`selection_bwd`) keeps one dq (inputs' dtype) and Σ P·dP (fp32) per
-# position, head and segment for a chunk of positions at a time, as many positions as fit in this many bytes: each
-# chunk re-reads and re-writes the fp32 dk, dv of every block it touches, so chunks are larger than the forward's.
+# position, head and segment for a chunk of positions at a time, as many positions as fit in max(this many bytes,
+# the size of dO) (dense attention's peak plus the outputs then bounds the backward's): each chunk re-reads and
+# re-writes the fp32 dk, dv of every block it touches, so larger chunks are faster (H100, 128K, forward+backward:
+# shape A 272 / 262 / 258 ms with 0.5 / 1 / 2 GiB, B 275 / 271 with 1 / 2 GiB; sixteenth session).
 SELECTION_BWD_PARTIAL_BYTES = 1 << 30
-# `_selection_bwd_partials` in half precision: rows (positions × the group, packed) per step, launch options.
-SELECTION_BWD_LAUNCH = (128, dict(num_warps=8, num_stages=2))
+# `_selection_bwd_partials` in half precision: rows (positions × the group, packed) per step, launch options
+# (H100, 128K, forward+backward: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either stage).
+SELECTION_BWD_LAUNCH = (128, dict(num_warps=8, num_stages=1))
 
 
 def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dq, dk, dv):
@@ -1005,7 +1031,8 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
     tables, Ns, n_txt, nsel = plan.tables(q.device)
     nslot = nsel + 1 + n_txt
     per_position = B * Hkv * G * nslot * (D * q.element_size() + 5)
-    P = min(Tq, max(BLOCK_T, SELECTION_BWD_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
+    budget = max(SELECTION_BWD_PARTIAL_BYTES, grad_out.numel() * grad_out.element_size())
+    P = min(Tq, max(BLOCK_T, budget // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
     rows, options = SELECTION_BWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
     rows = max(rows, GP)

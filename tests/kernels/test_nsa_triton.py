@@ -37,7 +37,7 @@ def run_both(case, dtype, seed=0, key_mean=0.0, forward_state=False):
     """Forward and gradients of the Triton path and of the fp64 reference on the case's random inputs; with
     ``key_mean``, every key is shifted by that many times one random vector (keys of a large common mean); with
     ``forward_state``, the backward gets the forward's top-n ids, selection log-sum-exp and output (the training
-    op's: its selection backward then runs by key segment for groups up to 8)."""
+    op's: its selection backward then runs by key segment for groups up to 16)."""
     B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
     q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=dtype, seed=seed)
     if key_mean:
@@ -71,7 +71,7 @@ def check(a, b, tol, name=""):
                          ids=[f"fp32-{c}" for c in CASES] + ["fp16-B1-HQ7-H1-T90-group7"])
 def test_triton_interpreter_against_reference(case, dtype, tol, forward_state):
     """Without the forward's state the backward recomputes the top-n and runs the selection by query tile; with it
-    (the training op) the selection runs by key segment (groups up to 8; `test_selection_backward_by_key_runs`)."""
+    (the training op) the selection runs by key segment (groups up to 16)."""
     out, ref, grads, ref_grads = run_both(case, dtype, forward_state=forward_state)
     assert out.dtype == dtype
     check(out, ref.detach(), tol)
