@@ -996,11 +996,13 @@ def row_dot(a, b):
 
 
 # The selection backward by key segment (`selection_bwd`) keeps one dq (inputs' dtype) and Σ P·dP (fp32) per
-# position, head and segment for a chunk of positions at a time, as many positions as fit in max(this many bytes,
-# the size of dO) (dense attention's peak plus the outputs then bounds the backward's): each chunk re-reads and
-# re-writes the fp32 dk, dv of every block it touches, so larger chunks are faster (H100, 128K, forward+backward:
-# shape A 272 / 262 / 258 ms with 0.5 / 1 / 2 GiB, B 275 / 271 with 1 / 2 GiB; sixteenth session).
-SELECTION_BWD_PARTIAL_BYTES = 1 << 30
+# position, head and segment for a chunk of positions at a time, as many positions as fit in the size of dO or
+# this many bytes (the forward's `SELECTION_PARTIAL_BYTES`), whichever is larger, so that at long context dense
+# attention's peak plus the outputs bounds the backward's: each chunk re-reads and re-writes the fp32 dk, dv of
+# every block it touches, so larger chunks are faster (H100, 128K, forward+backward: shape A 272 / 262 / 258 ms
+# with 0.5 / 1 / 2 GiB, B 275 / 271 with 1 / 2 GiB; at 8K, A 14.9 ms with 1 GiB, 18.3 with 64 MiB; sixteenth
+# session).
+SELECTION_BWD_PARTIAL_BYTES = SELECTION_PARTIAL_BYTES
 # `_selection_bwd_partials` in half precision: rows (positions × the group, packed) per step, launch options
 # (H100, 128K, forward+backward: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either stage).
 SELECTION_BWD_LAUNCH = (128, dict(num_warps=8, num_stages=1))

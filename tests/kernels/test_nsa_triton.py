@@ -644,21 +644,24 @@ def test_selection_dkdv_of_text_keys_in_pieces_equals_the_reference(monkeypatch)
 @pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
 def test_selection_backward_by_key_runs_in_position_chunks(case, monkeypatch):
     """With the forward's state the selection backward runs by key segment (`selection_bwd`), one chunk of
-    positions at a time (`SELECTION_BWD_PARTIAL_BYTES`; text chunks' readers in pieces summed over the chunks):
-    with chunks of one combine tile, and with one chunk, every gradient equals the fp64 reference's (fp32, 1e-5)."""
+    positions at a time (as many as fit in the size of dO, or `SELECTION_BWD_PARTIAL_BYTES` when larger; text
+    chunks' readers in pieces summed over the chunks): with several chunks, and with one, every gradient equals the
+    fp64 reference's (fp32, 1e-5)."""
     from nsa_compile.kernels import segment_attention as sa
 
-    calls = []
-    real = sa.selection_bwd
-    monkeypatch.setattr(sa, "selection_bwd", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr("nsa_compile.kernels.nsa_triton.selection_bwd", sa.selection_bwd)
+    Tq = CASES[case][3]
+    chunks = []
+    real = sa._selection_lists
+    monkeypatch.setattr(sa, "_selection_lists", lambda *a, **kw: chunks.append(a[3]) or real(*a, **kw))
     for partial_bytes in (1, 1 << 30):
         monkeypatch.setattr(sa, "SELECTION_BWD_PARTIAL_BYTES", partial_bytes)
+        chunks.clear()
         out, ref, grads, ref_grads = run_both(case, torch.float32, seed=8, forward_state=True)
         check(out, ref, 1e-5, "out")
         for name, g_, r in zip("qkvg", grads, ref_grads):
             check(g_, r, 1e-5, name)
-    assert len(calls) == 2
+        backward_chunk = chunks[-1]  # the forward's lists (group ≤ 8) come first
+        assert backward_chunk < Tq if partial_bytes == 1 else backward_chunk == Tq
 
 
 @pytest.mark.parametrize("case", list(CASES))
