@@ -559,7 +559,8 @@ def test_weights_are_read_from_safetensors_only(tmp_path):
 def test_long_context_256k_tokens_64_heads_against_the_chunked_reference():
     """256K tokens × 64 query heads (8 KV heads) × head dim 128 in bf16: 2**31 elements in q, so offsets past 2**31
     are exercised. The reference runs on query chunks (causality: queries i0 … i1−1 need only keys < i1), at the
-    start, the middle and the end; the backward is checked with a gradient that is zero outside one chunk."""
+    start, the middle and the end; the backward (both: recomputing, and with the forward's state) is checked with a
+    gradient that is zero outside one chunk."""
     from tests.kernels.test_nsa_triton import block_structured, check_chunk
 
     nt = _triton()
@@ -577,8 +578,11 @@ def test_long_context_256k_tokens_64_heads_against_the_chunked_reference():
     cfg = NSAConfig.preset("videonsa")
     params = (cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
     keep = {}
+    ids = torch.full((B, Hkv, T, cfg.top_n), -1, dtype=torch.int32, device="cuda")
+    lse = torch.zeros(B, Hq, T, device="cuda")
     with torch.no_grad():
-        out = nt.nsa_triton_forward(q, k, v, gates, vm, D ** -0.5, *params, _keep=keep)
+        out = nt.nsa_triton_forward(q, k, v, gates, vm, D ** -0.5, *params, _keep=keep, selected_out=ids,
+                                    selection_lse_out=lse)
         assert out.shape == q.shape and torch.isfinite(out).all()
         selected = keep.pop("selected")
         # the backward is checked on 64 queries, the end of the second video and the text after it (fp32 autograd
@@ -587,20 +591,24 @@ def test_long_context_256k_tokens_64_heads_against_the_chunked_reference():
         for c0 in (0, T // 2 - C // 2, T - C):  # selections equal up to near ties, outputs ≤ 1e-2
             check_chunk(out, selected, q, k, v, gates, vm, c0, c0 + C, D ** -0.5, params)
         same = check_chunk(out, selected, q, k, v, gates, vm, i0, i1, D ** -0.5, params)  # [B, Hkv, 64]
-    del out, selected
+    del selected
     go = torch.zeros_like(q)
     go[:, :, i0:i1] = torch.randn(B, Hq, i1 - i0, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    dq, dk, dv, dg = nt.nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params)
     inputs = [x.float().requires_grad_() for x in (q[:, :, i0:i1], k[:, :, :i1], v[:, :, :i1], gates[:, :, i0:i1])]
     nsa_reference(*inputs, vm[:, :i1], None, D ** -0.5, *params).backward(go[:, :, i0:i1].float())
-    for x in (dq[:, :, :i0], dq[:, :, i1:], dg[:, :, :i0], dg[:, :, i1:], dk[:, :, i1:], dv[:, :, i1:]):
-        assert x.abs().max() == 0  # no gradient where dO is zero, nor to keys after the last query
     rows = same.repeat_interleave(Hq // Hkv, 1)  # dq and dgates are per row: compare the rows that agree
-    for name, a, b in (("dq", dq[:, :, i0:i1], inputs[0].grad), ("dgates", dg[:, :, i0:i1], inputs[3].grad)):
-        assert rel(a.float()[rows], b[rows]) <= 2e-2, name
-    if bool(same.all()):  # dk and dv sum over the rows: comparable when every row selects the same blocks
-        for name, a, b in (("dk", dk[:, :, :i1], inputs[1].grad), ("dv", dv[:, :, :i1], inputs[2].grad)):
-            assert rel(a.float(), b) <= 2e-2, name
+    # the backward that recomputes the top-n (selection by query tile) and the training op's, given the forward's
+    # top-n, selection log-sum-exp and output (selection by key segment)
+    for state in ({}, dict(selected=ids, selection_lse=lse, out=out)):
+        dq, dk, dv, dg = nt.nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params, **state)
+        for x in (dq[:, :, :i0], dq[:, :, i1:], dg[:, :, :i0], dg[:, :, i1:], dk[:, :, i1:], dv[:, :, i1:]):
+            assert x.abs().max() == 0  # no gradient where dO is zero, nor to keys after the last query
+        for name, a, b in (("dq", dq[:, :, i0:i1], inputs[0].grad), ("dgates", dg[:, :, i0:i1], inputs[3].grad)):
+            assert rel(a.float()[rows], b[rows]) <= 2e-2, (name, bool(state))
+        if bool(same.all()):  # dk and dv sum over the rows: comparable when every row selects the same blocks
+            for name, a, b in (("dk", dk[:, :, :i1], inputs[1].grad), ("dv", dv[:, :, :i1], inputs[2].grad)):
+                assert rel(a.float(), b) <= 2e-2, (name, bool(state))
+        del dq, dk, dv, dg
 
 
 # ------------------------------------------------------------------------------------------------ hardware limits
