@@ -79,8 +79,16 @@ def record(path: str, quick: bool, head_dims: tuple[int, ...] | None = None) -> 
                     gates = torch.rand(B, Hq, T, 3, generator=g).to(dt)
                     vm = torch.ones(B, T, dtype=torch.bool)
                     vm[:, :4] = False
-                    nsa_triton_forward(q, k, v, gates, vm, D ** -0.5, *params)
-                    nsa_triton_backward(torch.randn_like(q), q, k, v, gates, vm, D ** -0.5, *params)
+                    # the forward keeping its state for the training op's backward (selection by key segment),
+                    # then both backwards: with that state, and recomputing
+                    ids = torch.full((B, Hkv, T, params[3]), -1, dtype=torch.int32)
+                    lse = torch.zeros(B, Hq, T)
+                    out = nsa_triton_forward(q, k, v, gates, vm, D ** -0.5, *params, selected_out=ids,
+                                             selection_lse_out=lse)
+                    go = torch.randn_like(q)
+                    nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params, selected=ids, selection_lse=lse,
+                                        out=out)
+                    nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params)
                     if D & (D - 1) == 0 and params[1] == params[0]:  # sparse decode: power-of-two head dims
                         l, d, ls, n, w = params
                         state = dec.build_decode_state(k, v, vm, l, d, ls)

@@ -364,6 +364,48 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
 
 
 @triton.jit
+def _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt, n_pieces,
+                    skb, skh, skt, svb, svh, svt, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+                    HAS_KMASK: tl.constexpr):
+    """Key segment ``kid`` of a by-key selection launch (selection block kid < Ns, else a piece of text chunk
+    txt = (kid − Ns) // n_pieces): txt, key positions c, their validity (in the segment), the keys a row may see
+    (also valid in KVALID with HAS_KMASK) and the K, V tiles."""
+    txt = (kid - Ns) // n_pieces
+    if kid < Ns:
+        start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
+        length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
+    else:
+        start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
+        length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
+    c, key_ok, k, v = _segment_kv(K, V, b, hkv, start, length, Tk, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV)
+    c_ok = key_ok
+    if HAS_KMASK:
+        c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
+    return txt, c, key_ok, c_ok, k, v
+
+
+@triton.jit
+def _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G: tl.constexpr, ROWS: tl.constexpr,
+                    NSEL: tl.constexpr):
+    """The rows r = position·G + head of one step of a by-key selection launch, from reader entry i on: each row's
+    position t, slot (its top-n rank, NSEL for its own block, NSEL+1+txt for a text chunk) and validity. A
+    selection block's readers are entries of LIST (t·(NSEL+1) + slot; `_selection_lists` leaves out positions that
+    do not need the branch), a text chunk's the positions i … e_hi−1 that need it."""
+    r = tl.arange(0, ROWS)
+    e = i + r // G
+    ok = (e < e_hi) & (r < ROWS // G * G)
+    if kid < Ns:
+        f = tl.load(LIST + bh.to(tl.int64) * n_list + e, mask=ok, other=0)
+        t = f // (NSEL + 1)
+        slot = f % (NSEL + 1)
+    else:
+        t = e
+        slot = e * 0 + (NSEL + 1 + txt)
+        ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
+    return t, slot, ok
+
+
+@triton.jit
 def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KVALID,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                         Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
@@ -387,33 +429,16 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     e_hi = tl.load(walk + 1)
     if e_lo >= e_hi:
         return
-    txt = (kid - Ns) // n_pieces
-    if kid < Ns:
-        start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
-        length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
-    else:
-        start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
-        length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
-    c, c_ok, k, v = _segment_kv(K, V, b, hkv, start, length, Tk, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV)
+    txt, c, _, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt, n_pieces,
+                                            skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV, HAS_KMASK)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
-    if HAS_KMASK:
-        c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
     RT: tl.constexpr = ROWS // G
     r = tl.arange(0, ROWS)
     g = r % G
     h = hkv * G + g
     for i in range(e_lo, e_hi, RT):
-        e = i + r // G
-        ok = (e < e_hi) & (r < RT * G)
-        if kid < Ns:  # listed positions need the branch (`_selection_lists` leaves the others out)
-            f = tl.load(LIST + bh.to(tl.int64) * n_list + e, mask=ok, other=0)
-            t = f // (NSEL + 1)
-            slot = f % (NSEL + 1)
-        else:
-            t = e
-            slot = e * 0 + (NSEL + 1 + txt)
-            ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
+        t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL)
         q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
         q = tl.load(q_ptr[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
@@ -431,14 +456,11 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
 
 
 @triton.jit
-def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, dv_out,
-                       G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
-                       DV: tl.constexpr, NSLOT: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
-                       TO_OUT: tl.constexpr):
-    """The selection branch's output of a tile of positions t0 + tile·BLOCK_T …: the softmax over the union of its
-    segments from the per-segment (log-sum-exp, output) pairs of `_selection_partials` (o = Σ_s e^{lse_s − lse}
-    o_s, lse = log Σ_s e^{lse_s}), in slot order (deterministic); LSE[row] = lse (+inf for a row that sees
-    nothing), and the gated output goes to ACC or OUT as in `_fwd`."""
+def _combine_rows(NEED, Tq, t0, P, G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
+                  NSLOT: tl.constexpr):
+    """The rows r = t·GP + g of a combine program's tile of positions t0 + tile·BLOCK_T …: batch, KV head, head in
+    the group, position, whether the row needs the branch, and the index of its slot 0 among the per-segment
+    partials ([bh, t − t0, slot]; times G plus g for a row's)."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -448,13 +470,25 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
     t = t0 + tile * BLOCK_T + r // GP
     valid = (g < G) & (t < Tq) & (t < t0 + P)
     valid = valid & (tl.load(NEED + b * Tq + t, mask=valid, other=0) != 0)
+    return b, hkv, g, t, valid, (bh.to(tl.int64) * P + (t - t0)) * NSLOT
+
+
+@triton.jit
+def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, dv_out,
+                       G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
+                       DV: tl.constexpr, NSLOT: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
+                       TO_OUT: tl.constexpr):
+    """The selection branch's output of a tile of positions t0 + tile·BLOCK_T …: the softmax over the union of its
+    segments from the per-segment (log-sum-exp, output) pairs of `_selection_partials` (o = Σ_s e^{lse_s − lse}
+    o_s, lse = log Σ_s e^{lse_s}), in slot order (deterministic); LSE[row] = lse (+inf for a row that sees
+    nothing), and the gated output goes to ACC or OUT as in `_fwd`."""
+    b, hkv, g, t, valid, base = _combine_rows(NEED, Tq, t0, P, G, GP, HKV, BLOCK_T, NSLOT)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
     dv = tl.arange(0, DV)
     m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], tl.float32)
     acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
-    base = (bh.to(tl.int64) * P + (t - t0)) * NSLOT
     for s in range(0, NSLOT):
         idx = (base + s) * G + g
         lp = tl.load(LP + idx, mask=valid, other=float("-inf"))
@@ -503,17 +537,8 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
     e_hi = tl.load(walk + 1)
     if e_lo >= e_hi:
         return
-    txt = (kid - Ns) // n_pieces
-    if kid < Ns:
-        start = tl.load(BSTART + b.to(tl.int64) * Ns + kid).to(tl.int64)
-        length = tl.load(BLEN + b.to(tl.int64) * Ns + kid)
-    else:
-        start = tl.load(TXT + (b * n_txt + txt) * 2).to(tl.int64)
-        length = tl.load(TXT + (b * n_txt + txt) * 2 + 1)
-    c, c_ok, k, v = _segment_kv(K, V, b, hkv, start, length, Tk, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV)
-    key_ok = c_ok
-    if HAS_KMASK:
-        c_ok = c_ok & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)
+    txt, c, key_ok, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt,
+                                                 n_pieces, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV, HAS_KMASK)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     RT: tl.constexpr = ROWS // G
@@ -523,16 +548,7 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     for i in range(e_lo, e_hi, RT):
-        e = i + r // G
-        ok = (e < e_hi) & (r < RT * G)
-        if kid < Ns:
-            f = tl.load(LIST + bh.to(tl.int64) * n_list + e, mask=ok, other=0)
-            t = f // (NSEL + 1)
-            slot = f % (NSEL + 1)
-        else:
-            t = e
-            slot = e * 0 + (NSEL + 1 + txt)
-            ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
+        t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL)
         q = tl.load((Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt)[:, None] + d[None, :],
                     mask=ok[:, None], other=0.0)
         row = (b.to(tl.int64) * (HKV * G) + h) * Tq + t
@@ -568,21 +584,12 @@ def _selection_bwd_combine(DQP, RDP, SEEN, DQ, RD, NEED, Tq, t0, P, G: tl.conste
     """Rows of a tile of positions t0 + tile·BLOCK_T …: DQ[row] += the sum of its segments' dq (DQP) and RD[row] =
     the sum of their Σ_j P_j dP_j (RDP), over the slots `_selection_bwd_partials` wrote (SEEN), in slot order
     (deterministic)."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HKV
-    hkv = bh % HKV
-    r = tl.arange(0, BLOCK_T * GP)
-    g = r % GP
-    t = t0 + tile * BLOCK_T + r // GP
-    valid = (g < G) & (t < Tq) & (t < t0 + P)
-    valid = valid & (tl.load(NEED + b * Tq + t, mask=valid, other=0) != 0)
+    b, hkv, g, t, valid, base = _combine_rows(NEED, Tq, t0, P, G, GP, HKV, BLOCK_T, NSLOT)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
     d = tl.arange(0, D)
     dq = tl.zeros([BLOCK_T * GP, D], tl.float32)
     rd = tl.zeros([BLOCK_T * GP], tl.float32)
-    base = (bh.to(tl.int64) * P + (t - t0)) * NSLOT
     for s in range(0, NSLOT):
         idx = (base + s) * G + g
         seen = valid & (tl.load(SEEN + idx, mask=valid, other=0) != 0)
@@ -1003,9 +1010,14 @@ def row_dot(a, b):
 # with 0.5 / 1 / 2 GiB, B 275 / 271 with 1 / 2 GiB; at 8K, A 14.9 ms with 1 GiB, 18.3 with 64 MiB; sixteenth
 # session).
 SELECTION_BWD_PARTIAL_BYTES = SELECTION_PARTIAL_BYTES
-# `_selection_bwd_partials` in half precision: rows (positions × the group, packed) per step, launch options
-# (H100, 128K, forward+backward: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either stage).
-SELECTION_BWD_LAUNCH = (128, dict(num_warps=8, num_stages=1))
+# `_selection_bwd_partials`, fastest first: rows (positions × the group, packed) per step, launch options (H100,
+# 128K, forward+backward, half precision: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either
+# stage; sixteenth session). fp32 starts at 64 rows. The first that fits in shared memory is used, and remembered
+# per shape (dtype, head dims, block, group) in _bwd_config: bf16 at head dim 256 with blocks of 128 needs 288 KiB
+# for 128 rows (`scripts/check_kernels_sm90.py`; an H100 has 227).
+SELECTION_BWD_CONFIGS = ((128, dict(num_warps=8, num_stages=1)), (64, dict(num_warps=4, num_stages=1)),
+                         (32, dict(num_warps=4, num_stages=1)), (16, dict(num_warps=4, num_stages=1)))
+_bwd_config: dict = {}
 
 
 def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dq, dk, dv):
@@ -1036,31 +1048,42 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
     budget = max(SELECTION_BWD_PARTIAL_BYTES, grad_out.numel() * grad_out.element_size())
     P = min(Tq, max(BLOCK_T, budget // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
-    rows, options = SELECTION_BWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
-    rows = max(rows, GP)
-    piece = 4 * (rows // G)
-    entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=piece)
-    n_pieces = triton.cdiv(P, piece)
+    configs = SELECTION_BWD_CONFIGS[0 if half else 1:]
+    shape = (q.dtype, D, Dv, plan.block_n, G)
     dq_part = torch.empty(B * Hkv * P * nslot * G * D, dtype=q.dtype, device=q.device)
     rd_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
     seen = torch.empty(B * Hkv * P * nslot * G, dtype=torch.int8, device=q.device)
-    tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
-    if n_txt:
-        tdk = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, D, dtype=torch.float32, device=q.device)
-        tdv = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, Dv, dtype=torch.float32, device=q.device)
     rowd = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    for t0 in range(0, Tq, P):
-        seen.zero_()  # slots no segment writes (fewer than n candidates, text not yet seen)
-        _selection_bwd_partials[(Ns + n_txt * n_pieces, B * Hkv)](
-            q, k, v, grad_out, gates, lse, delta, dq_part, rd_part, seen, dk, dv, tdk, tdv, entries, walk[t0 // P],
-            tables["block_start"], tables["block_len"], tables["text"], tables["need"], tables["key_valid"],
-            *strides, Tq, Tk, Ns, n_txt, n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows,
-            BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
-            HAS_KMASK=plan.key_valid is not None, **options)
-        _selection_bwd_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
-            dq_part, rd_part, seen, dq, rowd, tables["need"], Tq, t0, P, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T, D=D,
-            NSLOT=nslot, **combine_options)
+    for i in range(_bwd_config.get(shape, 0), len(configs)):
+        rows, options = configs[i]
+        rows = max(rows, GP)
+        piece = 4 * (rows // G)  # a text chunk's readers in runs of 4 steps, as in `selection_fwd`
+        entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=piece)
+        n_pieces = triton.cdiv(P, piece)
+        tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
+        if n_txt:
+            tdk = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, D, dtype=torch.float32, device=q.device)
+            tdv = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, Dv, dtype=torch.float32, device=q.device)
+        for t0 in range(0, Tq, P):
+            seen.zero_()  # slots no segment writes (fewer than n candidates, text not yet seen)
+            try:
+                _selection_bwd_partials[(Ns + n_txt * n_pieces, B * Hkv)](
+                    q, k, v, grad_out, gates, lse, delta, dq_part, rd_part, seen, dk, dv, tdk, tdv, entries,
+                    walk[t0 // P], tables["block_start"], tables["block_len"], tables["text"], tables["need"],
+                    tables["key_valid"], *strides, Tq, Tk, Ns, n_txt, n_pieces, entries.shape[-1], t0, P, scale,
+                    G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, NSLOT=nslot,
+                    PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None, **options)
+            except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
+                if t0 or i + 1 == len(configs):
+                    raise
+                break
+            _selection_bwd_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
+                dq_part, rd_part, seen, dq, rowd, tables["need"], Tq, t0, P, G=G, GP=GP, HKV=Hkv, BLOCK_T=BLOCK_T,
+                D=D, NSLOT=nslot, **combine_options)
+        else:  # every chunk ran
+            _bwd_config[shape] = i
+            break
     if n_txt:
         _add_text_partials(dk, dv, tdk, tdv, plan.text, n_pieces)
     return rowd

@@ -260,6 +260,39 @@ def test_selection_dkdv_falls_back_to_smaller_tiles_beyond_shared_memory(monkeyp
     assert [rt * 8 for mode, rt in tried if mode == sa.SELECTION] == [64]
 
 
+def test_selection_backward_by_key_falls_back_to_smaller_tiles_beyond_shared_memory(monkeypatch):
+    """The same for the selection backward by key segment (bf16 at head dim 256 with blocks of 128 needs 288 KiB
+    of shared memory for 128 rows; `scripts/check_kernels_sm90.py`): its first configuration raising OutOfResources
+    at the first chunk gives way to the next, remembered for the shape; the gradients stay exact (fp32, whose
+    configurations start at 64 rows)."""
+    from triton.runtime.errors import OutOfResources
+
+    from nsa_compile.kernels import segment_attention as sa
+
+    real = sa._selection_bwd_partials
+    tried = []
+
+    class TooBigFirst:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["ROWS"])
+                if kwargs["ROWS"] == 64:
+                    raise OutOfResources(294912, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sa, "_selection_bwd_partials", TooBigFirst())
+    monkeypatch.setattr(sa, "_bwd_config", {})
+    monkeypatch.setattr(sa, "SELECTION_BWD_PARTIAL_BYTES", 1)  # several chunks of positions
+    out, ref, grads, ref_grads = run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=6, forward_state=True)
+    for name, g, r in zip("qkvg", grads, ref_grads):
+        check(g, r, 1e-5, name)
+    assert tried[0] == 64 and len(tried) > 2 and set(tried[1:]) == {32} and list(sa._bwd_config.values()) == [1]
+    tried.clear()
+    run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=6, forward_state=True)  # straight to 32 rows
+    assert set(tried) == {32}
+
+
 def test_forward_memory_estimate_counts_one_accumulator_chunk():
     """Shape A at 128K: the forward's work memory is the output plus a quarter of the fp32 accumulator (one KV head
     per chunk) and small tables, i.e. within dense attention's output + output (the issue's memory goal)."""
