@@ -362,6 +362,7 @@ def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
 
 def records_grad(*tensors) -> bool:
     """Whether autograd records an op on ``tensors`` (grad mode on and one of them requiring grad): the rewrite
-    and `nsa_attention` then use ``nsa_attention_with_ids``, whose saved top-n ids spare the backward a second
-    top-n (~11 ms of shape A's backward at 128K)."""
+    and `nsa_attention` then use ``nsa_attention_with_ids``, whose saved top-n ids, selection log-sum-exp and
+    output spare the backward a second top-n and let its selection run by key segment (shape A's forward+backward
+    at 128K on an H100: 373 → 235 ms; BENCHMARKS.md, sixteenth session)."""
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
