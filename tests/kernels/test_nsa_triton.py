@@ -531,11 +531,15 @@ def test_key_padding_masks_reach_the_kernels():
     ref = nsa_reference(*ref_in, vm, mask, *params)
     go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     ref.backward(go)
-    out = nsa_triton_forward(q, k, v, gates, vm, *params, key_valid=key_valid)
-    grads = nsa_triton_backward(go.float(), q, k, v, gates, vm, *params, key_valid=key_valid)
+    ids, lse = torch.full((B, Hkv, T, params[4]), -1, dtype=torch.int32), torch.zeros(B, Hq, T)
+    out = nsa_triton_forward(q, k, v, gates, vm, *params, key_valid=key_valid, selected_out=ids,
+                             selection_lse_out=lse)
     check(out, ref.detach(), 1e-5, "out")
-    for name, g, r in zip("qkvg", grads, [x.grad for x in ref_in]):
-        check(g, r, 1e-5, name)
+    # both backwards: recomputing, and with the forward's state (the selection by key segment)
+    for state in ({}, dict(selected=ids, selection_lse=lse, out=out)):
+        grads = nsa_triton_backward(go.float(), q, k, v, gates, vm, *params, key_valid=key_valid, **state)
+        for name, g, r in zip("qkvg", grads, [x.grad for x in ref_in]):
+            check(g, r, 1e-5, name)
     # not key padding: a query-dependent hole, a per-head difference, a finite bias
     hole = mask.clone()
     hole[0, 0, 50, 20] = False
