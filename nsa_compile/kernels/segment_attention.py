@@ -1050,17 +1050,19 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
     half = q.dtype != torch.float32
     configs = SELECTION_BWD_CONFIGS[0 if half else 1:]
     shape = (q.dtype, D, Dv, plan.block_n, G)
-    dq_part = torch.empty(B * Hkv * P * nslot * G * D, dtype=q.dtype, device=q.device)
-    rd_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
-    seen = torch.empty(B * Hkv * P * nslot * G, dtype=torch.int8, device=q.device)
     rowd = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
+    dq_part = None
     for i in range(_bwd_config.get(shape, 0), len(configs)):
         rows, options = configs[i]
         rows = max(rows, GP)
         piece = 4 * (rows // G)  # a text chunk's readers in runs of 4 steps, as in `selection_fwd`
         entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=piece)
         n_pieces = triton.cdiv(P, piece)
+        if dq_part is None:  # after the lists: their sort's temporaries are freed by then (peak at 128K −150 MiB)
+            dq_part = torch.empty(B * Hkv * P * nslot * G * D, dtype=q.dtype, device=q.device)
+            rd_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
+            seen = torch.empty(B * Hkv * P * nslot * G, dtype=torch.int8, device=q.device)
         tdk = tdv = torch.zeros(1, dtype=torch.float32, device=q.device)
         if n_txt:
             tdk = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, D, dtype=torch.float32, device=q.device)
