@@ -203,8 +203,9 @@ def compare(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float, terms: 
     # dtype while its Δ = g·(dO·O) is fp32, so there it returns scale·((g·dO)_rounded − g·dO)·v·k: one
     # rounding, about the dtype's unit roundoff per element. The floor is tol/10 or that roundoff (bf16:
     # 2^-8 > 2e-3); a result summed over ``terms`` heads (dk, dv: the GQA group) gets √terms times it. The
-    # backward from the forward's state takes Δ = g·(dO·O_slc) as dO·out less the other branches' (FlashAttention-2's
-    # delta), with ``out`` the forward's output rounded to the dtype: a second rounding (``roundings`` = 2).
+    # backward from the forward's state takes Δ = g·(dO·O_slc) as dO·out less the other branches'
+    # (FlashAttention-2's delta), with ``out`` the forward's output rounded to the dtype: a second rounding
+    # (``roundings`` = 2).
     floor = max(0.1 * tol, roundings * torch.finfo(dtype).eps / 2)
     err = (out - ref).norm().item()
     bound = tol * ref.norm().item() + floor * (terms * out.numel()) ** 0.5
