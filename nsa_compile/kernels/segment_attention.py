@@ -934,9 +934,14 @@ def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int, text_piece: int):
 # The selection forward by key segment (`selection_fwd`) keeps one (log-sum-exp, output) pair per position, head
 # and segment for a chunk of positions at a time: as many positions as fit in this many bytes.
 SELECTION_PARTIAL_BYTES = 256 << 20
-# `_selection_partials` in half precision: rows (positions × the group, packed) per step, launch options;
-# `_selection_combine`: rows per program, launch options.
-SELECTION_FWD_LAUNCH = (128, dict(num_warps=8, num_stages=2))
+# `_selection_partials`, fastest first: rows (positions × the group, packed) per step, launch options (half
+# precision starts at the first, fp32 at the third). The first that fits in shared memory is used, and remembered
+# per shape (dtype, head dims, block, group) in _fwd_config: half precision at head dim 256 with blocks of 128 needs
+# 256 KiB for 128 rows on two stages (`scripts/check_kernels_sm90.py` with Triton's divisibility hints; an H100
+# has 227). `_selection_combine`: rows per program, launch options.
+SELECTION_FWD_CONFIGS = ((128, dict(num_warps=8, num_stages=2)), (64, dict(num_warps=4, num_stages=2)),
+                         (64, dict(num_warps=4, num_stages=1)), (32, dict(num_warps=4, num_stages=1)))
+_fwd_config: dict = {}
 SELECTION_COMBINE_LAUNCH = (32, dict(num_warps=4))
 
 
@@ -961,32 +966,45 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
     per_position = B * Hkv * G * nslot * (Dv * q.element_size() + 4)
     P = min(Tq, max(BLOCK_T, SELECTION_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
-    rows, options = SELECTION_FWD_LAUNCH if half else (64, dict(num_warps=4, num_stages=1))
-    rows = max(rows, GP)
-    rt = rows // G  # positions per step of `_selection_partials`
-    # A text chunk is read by every video position after it: its readers are cut in runs of 4 steps, so that one
-    # program does not walk a whole chunk of positions while the others, one selection block each, walk a few steps
-    # (a prompt before a 128K video: ~100 ms per layer more in the 7B end to end, twelfth session).
-    entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=4 * rt)
-    n_pieces = triton.cdiv(P, 4 * rt)
-    o_part = torch.empty(B * Hkv * P * nslot * G * Dv, dtype=q.dtype, device=q.device)
-    lse_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
+    configs = SELECTION_FWD_CONFIGS[0 if half else 2:]
+    shape = (q.dtype, D, Dv, plan.block_n, G)
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
-    for t0 in range(0, Tq, P):
-        lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
-        _selection_partials[(Ns + n_txt * n_pieces, B * Hkv)](
-            q, k, v, o_part, lse_part, entries, walk[t0 // P], tables["block_start"], tables["block_len"],
-            tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
-            n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D, DV=Dv,
-            NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None,
-            **options)
-        _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
-            o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
-            *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
-            G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first,
-            TO_OUT=out is not None, **combine_options)
+    o_part = None
+    for i in range(_fwd_config.get(shape, 0), len(configs)):
+        rows, options = configs[i]
+        rows = max(rows, GP)
+        rt = rows // G  # positions per step of `_selection_partials`
+        # A text chunk is read by every video position after it: its readers are cut in runs of 4 steps, so that
+        # one program does not walk a whole chunk of positions while the others, one selection block each, walk a
+        # few steps (a prompt before a 128K video: ~100 ms per layer more in the 7B end to end, twelfth session).
+        entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=4 * rt)
+        n_pieces = triton.cdiv(P, 4 * rt)
+        if o_part is None:  # after the lists, as in `selection_bwd`
+            o_part = torch.empty(B * Hkv * P * nslot * G * Dv, dtype=q.dtype, device=q.device)
+            lse_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
+        for t0 in range(0, Tq, P):
+            lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
+            try:
+                _selection_partials[(Ns + n_txt * n_pieces, B * Hkv)](
+                    q, k, v, o_part, lse_part, entries, walk[t0 // P], tables["block_start"], tables["block_len"],
+                    tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
+                    n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D,
+                    DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
+                    HAS_KMASK=plan.key_valid is not None, **options)
+            except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
+                if t0 or i + 1 == len(configs):
+                    raise
+                break
+            _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
+                o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
+                *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
+                G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first,
+                TO_OUT=out is not None, **combine_options)
+        else:  # every chunk ran
+            _fwd_config[shape] = i
+            break
     return lse, None
 
 

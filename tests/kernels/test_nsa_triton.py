@@ -293,6 +293,66 @@ def test_selection_backward_by_key_falls_back_to_smaller_tiles_beyond_shared_mem
     assert set(tried) == {32}
 
 
+def test_selection_forward_by_key_falls_back_to_smaller_tiles_beyond_shared_memory(monkeypatch):
+    """The same for the selection forward by key segment (half precision at head dim 256 with blocks of 128 needs
+    256 KiB of shared memory for 128 rows on two stages; `scripts/check_kernels_sm90.py`): its first configuration
+    raising OutOfResources at the first chunk gives way to the next, remembered for the shape; the output stays
+    exact (fp32, whose configurations start at 64 rows)."""
+    from triton.runtime.errors import OutOfResources
+
+    from nsa_compile.kernels import segment_attention as sa
+
+    real = sa._selection_partials
+    tried = []
+
+    class TooBigFirst:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                tried.append(kwargs["ROWS"])
+                if kwargs["ROWS"] == 64:
+                    raise OutOfResources(262144, 232448, "shared memory")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(sa, "_selection_partials", TooBigFirst())
+    monkeypatch.setattr(sa, "_fwd_config", {})
+    monkeypatch.setattr(sa, "SELECTION_PARTIAL_BYTES", 1)  # several chunks of positions
+    out, ref, _, _ = run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=7)
+    check(out, ref, 1e-5, "out")
+    assert tried[0] == 64 and len(tried) > 2 and set(tried[1:]) == {32} and list(sa._fwd_config.values()) == [1]
+    tried.clear()
+    out2 = run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=7)[0]  # straight to 32 rows
+    assert set(tried) == {32} and torch.equal(out, out2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_head_dim_256_with_selection_blocks_of_128_runs_on_gpu():
+    """bf16 at head dim 256 with selection blocks of 128 and a group of 7 (the by-key selection, forward and
+    backward from the forward's state): its first tiles exceed an H100's shared memory; the fallbacks run and the
+    output and gradients match the reference. Top-4 of at most 4 earlier blocks: every row picks all of them, so
+    no near tie can make the picks differ."""
+    g = torch.Generator(device="cuda").manual_seed(11)
+    B, Hq, Hkv, T, D, n = 1, 7, 1, 640, 256, 4
+    q = torch.randn(B, Hq, T, D, device="cuda", generator=g).bfloat16()
+    k = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    v = torch.randn(B, Hkv, T, D, device="cuda", generator=g).bfloat16()
+    gates = torch.rand(B, Hq, T, 3, device="cuda", generator=g).bfloat16()
+    vm = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    params = (D ** -0.5, 64, 64, 128, n, 128)
+    ids = torch.full((B, Hkv, T, n), -1, dtype=torch.int32, device="cuda")
+    lse = torch.zeros(B, Hq, T, device="cuda")
+    out = nsa_triton_forward(q, k, v, gates, vm, *params, selected_out=ids, selection_lse_out=lse)
+    go = torch.randn(out.shape, device="cuda", generator=g).bfloat16()
+    grads = nsa_triton_backward(go, q, k, v, gates, vm, *params, selected=ids, selection_lse=lse, out=out)
+    ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
+    ref = nsa_reference(*ref_in, vm, None, *params)
+    ref.backward(go.double())
+    check(out, ref, 1e-2, "out")
+    for name, g_, x in zip("qkvg", grads, ref_in):
+        check(g_, x.grad, 1e-2, name)
+
+
 def test_forward_memory_estimate_counts_one_accumulator_chunk():
     """Shape A at 128K: the forward's work memory is the output plus a quarter of the fp32 accumulator (one KV head
     per chunk) and small tables, i.e. within dense attention's output + output (the issue's memory goal)."""
