@@ -260,28 +260,33 @@ def test_selection_dkdv_falls_back_to_smaller_tiles_beyond_shared_memory(monkeyp
     assert [rt * 8 for mode, rt in tried if mode == sa.SELECTION] == [64]
 
 
+class _TooBigAt:
+    """Stands in for a Triton kernel: records each launch's ROWS and raises OutOfResources (as Triton does before
+    launching a configuration beyond the device's shared memory) for ``rows``; other launches run ``real``."""
+
+    def __init__(self, real, rows: int, tried: list):
+        self.real, self.rows, self.tried = real, rows, tried
+
+    def __getitem__(self, grid):
+        from triton.runtime.errors import OutOfResources
+
+        def launch(*args, **kwargs):
+            self.tried.append(kwargs["ROWS"])
+            if kwargs["ROWS"] == self.rows:
+                raise OutOfResources(294912, 232448, "shared memory")
+            return self.real[grid](*args, **kwargs)
+        return launch
+
+
 def test_selection_backward_by_key_falls_back_to_smaller_tiles_beyond_shared_memory(monkeypatch):
     """The same for the selection backward by key segment (bf16 at head dim 256 with blocks of 128 needs 288 KiB
     of shared memory for 128 rows; `scripts/check_kernels_sm90.py`): its first configuration raising OutOfResources
     at the first chunk gives way to the next, remembered for the shape; the gradients stay exact (fp32, whose
     configurations start at 64 rows)."""
-    from triton.runtime.errors import OutOfResources
-
     from nsa_compile.kernels import segment_attention as sa
 
-    real = sa._selection_bwd_partials
     tried = []
-
-    class TooBigFirst:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tried.append(kwargs["ROWS"])
-                if kwargs["ROWS"] == 64:
-                    raise OutOfResources(294912, 232448, "shared memory")
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(sa, "_selection_bwd_partials", TooBigFirst())
+    monkeypatch.setattr(sa, "_selection_bwd_partials", _TooBigAt(sa._selection_bwd_partials, 64, tried))
     monkeypatch.setattr(sa, "_bwd_config", {})
     monkeypatch.setattr(sa, "SELECTION_BWD_PARTIAL_BYTES", 1)  # several chunks of positions
     out, ref, grads, ref_grads = run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=6, forward_state=True)
@@ -298,23 +303,10 @@ def test_selection_forward_by_key_falls_back_to_smaller_tiles_beyond_shared_memo
     256 KiB of shared memory for 128 rows on two stages; `scripts/check_kernels_sm90.py`): its first configuration
     raising OutOfResources at the first chunk gives way to the next, remembered for the shape; the output stays
     exact (fp32, whose configurations start at 64 rows)."""
-    from triton.runtime.errors import OutOfResources
-
     from nsa_compile.kernels import segment_attention as sa
 
-    real = sa._selection_partials
     tried = []
-
-    class TooBigFirst:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                tried.append(kwargs["ROWS"])
-                if kwargs["ROWS"] == 64:
-                    raise OutOfResources(262144, 232448, "shared memory")
-                return real[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(sa, "_selection_partials", TooBigFirst())
+    monkeypatch.setattr(sa, "_selection_partials", _TooBigAt(sa._selection_partials, 64, tried))
     monkeypatch.setattr(sa, "_fwd_config", {})
     monkeypatch.setattr(sa, "SELECTION_PARTIAL_BYTES", 1)  # several chunks of positions
     out, ref, _, _ = run_both("B1-HQ7-H1-T90-group7", torch.float32, seed=7)
