@@ -406,12 +406,21 @@ def _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G: tl.
 
 
 @triton.jit
+def _slot_index(bh, t, t0, P, slot, g, G: tl.constexpr, NSLOT: tl.constexpr, IDX64: tl.constexpr):
+    """Index of the rows' per-segment partial at [bh, t − t0, slot, g]: int32 (fewer instructions) unless the
+    partials hold 2³¹ elements or more (IDX64)."""
+    if IDX64:
+        return ((bh.to(tl.int64) * P + (t - t0)) * NSLOT + slot) * G + g
+    return ((bh * P + (t - t0)) * NSLOT + slot) * G + g
+
+
+@triton.jit
 def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KVALID,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                         Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
                         G: tl.constexpr, HKV: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                         D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSLOT: tl.constexpr,
-                        PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
+                        PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, IDX64: tl.constexpr):
     """The selection branch's forward by key segment (program kid, bh) for positions t0 … t0+P−1: the segment's
     K/V tile is loaded once and every (position, head) row that reads it gets the softmax of its scores over this
     segment alone, RT = ROWS // G positions per step (rows packed as position·G + head, not padded to a power of
@@ -429,11 +438,12 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     e_hi = tl.load(walk + 1)
     if e_lo >= e_hi:
         return
-    txt, c, _, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt, n_pieces,
+    txt, c, key_ok, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt, n_pieces,
                                             skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV, HAS_KMASK)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     RT: tl.constexpr = ROWS // G
+    last = tl.max(tl.where(key_ok, c, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
     r = tl.arange(0, ROWS)
     g = r % G
     h = hkv * G + g
@@ -441,17 +451,20 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
         t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL)
         q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
         q = tl.load(q_ptr[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        vis = (c[None, :] <= (Tk - Tq + t)[:, None]) & c_ok[None, :] & ok[:, None]
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)  # log2 units
+        vis = c[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
+        if HAS_KMASK:
+            vis = vis & c_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
         m = tl.max(s, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m)
-        ex = tl.exp(s - m_safe[:, None])
+        ex = tl.math.exp2(s - m_safe[:, None])
         l = tl.sum(ex, axis=1)
         l_safe = tl.where(l == 0.0, 1.0, l)
-        o = tl.dot(ex.to(v.dtype), v, input_precision=PRECISION) / l_safe[:, None]
-        idx = ((bh.to(tl.int64) * P + (t - t0)) * NSLOT + slot) * G + g
-        tl.store(LP + idx, tl.where(l == 0.0, float("-inf"), m_safe + tl.log(l_safe)), mask=ok)
+        o = tl.dot(ex.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l_safe)[:, None]
+        idx = _slot_index(bh, t, t0, P, slot, g, G, NSLOT, IDX64)
+        lse2 = m_safe + tl.math.log2(l_safe)
+        tl.store(LP + idx, tl.where(l == 0.0, float("-inf"), lse2 * 0.6931471805599453), mask=ok)
         tl.store(OP + idx[:, None] * DV + dv[None, :], o.to(OP.dtype.element_ty), mask=ok[:, None])
 
 
@@ -519,7 +532,7 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
                             Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
                             G: tl.constexpr, HKV: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                             D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSLOT: tl.constexpr,
-                            PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr):
+                            PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, IDX64: tl.constexpr):
     """The selection branch's backward by key segment (program kid, bh) for positions t0 … t0+P−1, the readers of
     `_selection_partials`: the segment's K/V tile is loaded once, and each reading (position, head) row, with
     its softmax statistic LSE and DELTA = gate·Σ_d dO·o_slc (fp32 [B, Hq, Tq], known before: from the forward),
@@ -545,6 +558,7 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
     r = tl.arange(0, ROWS)
     g = r % G
     h = hkv * G + g
+    last = tl.max(tl.where(key_ok, c, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     for i in range(e_lo, e_hi, RT):
@@ -556,13 +570,15 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
         lse = tl.load(LSE + row, mask=ok, other=float("inf"))
         delta = tl.load(DELTA + row, mask=ok, other=0.0)
         gate = tl.load(GATE + row * 3 + 1, mask=ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        vis = (c[None, :] <= (Tk - Tq + t)[:, None]) & c_ok[None, :] & ok[:, None]
-        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)  # log2 units
+        vis = c[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
+        if HAS_KMASK:
+            vis = vis & c_ok[None, :]
+        pr = tl.where(vis, tl.math.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = pr * (gate[:, None] * dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        idx = ((bh.to(tl.int64) * P + (t - t0)) * NSLOT + slot) * G + g
+        ds = pr * ((gate * scale)[:, None] * dp - (delta * scale)[:, None])  # scale·dS
+        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        idx = _slot_index(bh, t, t0, P, slot, g, G, NSLOT, IDX64)
         tl.store(RDP + idx, tl.sum(pr * dp, axis=1), mask=ok)
         tl.store(SEEN + idx, tl.full([ROWS], 1, tl.int8), mask=ok)
         tl.store(DQP + idx[:, None] * D + d[None, :], dq.to(DQP.dtype.element_ty), mask=ok[:, None])
@@ -574,7 +590,7 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
         tp = (bh.to(tl.int64) * (tl.num_programs(0) - Ns) + kid - Ns) * BLOCK_N + tl.arange(0, BLOCK_N)
         pk = TDK + tp[:, None] * D + d[None, :]
         pv = TDV + tp[:, None] * DV + dv[None, :]
-    tl.store(pk, tl.load(pk, mask=key_ok[:, None], other=0.0) + dk * scale, mask=key_ok[:, None])
+    tl.store(pk, tl.load(pk, mask=key_ok[:, None], other=0.0) + dk, mask=key_ok[:, None])
     tl.store(pv, tl.load(pv, mask=key_ok[:, None], other=0.0) + dvv, mask=key_ok[:, None])
 
 
@@ -934,6 +950,8 @@ def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int, text_piece: int):
 # The selection forward by key segment (`selection_fwd`) keeps one (log-sum-exp, output) pair per position, head
 # and segment for a chunk of positions at a time: as many positions as fit in this many bytes.
 SELECTION_PARTIAL_BYTES = 256 << 20
+# The by-key kernels index their per-segment partials in int32 below this many elements (int64 from it on).
+PARTIAL_INDEX_INT32_MAX = 2**31
 # `_selection_partials`, fastest first: rows (positions × the group, packed) per step, launch options (half
 # precision starts at the first, fp32 at the third). The first that fits in shared memory is used, and remembered
 # per shape (dtype, head dims, block, group) in _fwd_config: half precision at head dim 256 with blocks of 128 needs
@@ -992,7 +1010,7 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
                     tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
                     n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D,
                     DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
-                    HAS_KMASK=plan.key_valid is not None, **options)
+                    HAS_KMASK=plan.key_valid is not None, IDX64=o_part.numel() >= PARTIAL_INDEX_INT32_MAX, **options)
             except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
                 if t0 or i + 1 == len(configs):
                     raise
@@ -1093,7 +1111,8 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
                     walk[t0 // P], tables["block_start"], tables["block_len"], tables["text"], tables["need"],
                     tables["key_valid"], *strides, Tq, Tk, Ns, n_txt, n_pieces, entries.shape[-1], t0, P, scale,
                     G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, NSLOT=nslot,
-                    PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None, **options)
+                    PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None,
+                    IDX64=dq_part.numel() >= PARTIAL_INDEX_INT32_MAX, **options)
             except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
                 if t0 or i + 1 == len(configs):
                     raise

@@ -753,6 +753,20 @@ def test_selection_backward_by_key_runs_in_position_chunks(case, monkeypatch):
         assert backward_chunk < Tq if partial_bytes == 1 else backward_chunk == Tq
 
 
+@pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
+def test_by_key_partials_indexed_in_64_bits_equal_32_bits(case, monkeypatch):
+    """The by-key selection kernels index their per-segment partials in int32 (fewer instructions per step) and
+    switch to int64 from `PARTIAL_INDEX_INT32_MAX` elements (the backward's partials may be as large as dO: 2³¹
+    elements at 256K tokens × 64 heads × 128 dims). Forced to int64 here: bitwise the same output and gradients."""
+    from nsa_compile.kernels import segment_attention as sa
+
+    out32, _, grads32, _ = run_both(case, torch.float32, seed=5, forward_state=True)
+    monkeypatch.setattr(sa, "PARTIAL_INDEX_INT32_MAX", 0)
+    out64, _, grads64, _ = run_both(case, torch.float32, seed=5, forward_state=True)
+    assert torch.equal(out32, out64)
+    assert all(torch.equal(a, b) for a, b in zip(grads32, grads64))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_backward_reuses_the_forward_topn(case):
     """The forward's top-n ids (``selected_out``) handed to the backward give the gradients of the backward's own
