@@ -39,6 +39,10 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 DENSE, WINDOW, COMPRESSED, SELECTION = 0, 1, 2, 3
+# Softmaxes run in log2 units (scores · scale · log2 e, then exp2: a bare MUFU.EX2 per element where exp adds a
+# range fix-up); log-sum-exps are stored in natural-log units (· ln 2).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -179,14 +183,14 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         c = start + n
         c_ok = (n < length) & (c < Nk)
         k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units: exp2, no fix-up
         vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
                        b.to(tl.int64) * Tk, HAS_KMASK)
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
+        e = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
         e_sum = tl.sum(e, axis=1)
         v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
         if BWD:
@@ -203,7 +207,7 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
+    tl.store(LSE + row, tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=valid)
     gate = 1.0
     if GI >= 0:
         gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
@@ -342,8 +346,8 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
             vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
                            b.to(tl.int64) * Tk, HAS_KMASK)
         vis = vis & valid[:, None]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
+        pr = tl.where(vis, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = pr * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
@@ -409,9 +413,10 @@ def _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G: tl.
 def _slot_index(bh, t, t0, P, slot, g, G: tl.constexpr, NSLOT: tl.constexpr, IDX64: tl.constexpr):
     """Index of the rows' per-segment partial at [bh, t − t0, slot, g]: int32 (fewer instructions) unless the
     partials hold 2³¹ elements or more (IDX64)."""
+    base = bh
     if IDX64:
-        return ((bh.to(tl.int64) * P + (t - t0)) * NSLOT + slot) * G + g
-    return ((bh * P + (t - t0)) * NSLOT + slot) * G + g
+        base = bh.to(tl.int64)
+    return ((base * P + (t - t0)) * NSLOT + slot) * G + g
 
 
 @triton.jit
@@ -451,7 +456,7 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
         t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL)
         q_ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + t.to(tl.int64) * sqt
         q = tl.load(q_ptr[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)  # log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
         vis = c[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
         if HAS_KMASK:
             vis = vis & c_ok[None, :]
@@ -464,7 +469,7 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
         o = tl.dot(ex.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l_safe)[:, None]
         idx = _slot_index(bh, t, t0, P, slot, g, G, NSLOT, IDX64)
         lse2 = m_safe + tl.math.log2(l_safe)
-        tl.store(LP + idx, tl.where(l == 0.0, float("-inf"), lse2 * 0.6931471805599453), mask=ok)
+        tl.store(LP + idx, tl.where(l == 0.0, float("-inf"), lse2 * LN2), mask=ok)
         tl.store(OP + idx[:, None] * DV + dv[None, :], o.to(OP.dtype.element_ty), mask=ok[:, None])
 
 
@@ -570,11 +575,11 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
         lse = tl.load(LSE + row, mask=ok, other=float("inf"))
         delta = tl.load(DELTA + row, mask=ok, other=0.0)
         gate = tl.load(GATE + row * 3 + 1, mask=ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)  # log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
         vis = c[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
         if HAS_KMASK:
             vis = vis & c_ok[None, :]
-        pr = tl.where(vis, tl.math.exp2(s - (lse * 1.4426950408889634)[:, None]), 0.0)
+        pr = tl.where(vis, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = pr * ((gate * scale)[:, None] * dp - (delta * scale)[:, None])  # scale·dS
         dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
