@@ -1170,7 +1170,7 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
                                                BLOCK_T, D, 1)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
-    lse = tl.load(LSE + row, mask=valid, other=float("inf"))
+    lse2 = tl.load(LSE + row, mask=valid, other=float("inf")) * LOG2E
     d = tl.arange(0, D)
     k_base = KC + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     tr = tile * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -1194,10 +1194,10 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
             c = first + w
             c_ok = (w < width) & (c < Nc)
             kc = tl.load(k_base + c[:, None].to(tl.int64) * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * scale
+            s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
             end = tl.load(KEND + b.to(tl.int64) * Nc + c, mask=c_ok, other=2147483647)
             vis = (end[None, :] <= p[:, None]) & c_ok[None, :] & valid[:, None]
-            pr = tl.where(vis, tl.exp(s - lse[:, None]), 0.0)
+            pr = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
             score += tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_S)), axis=1)
         key = ((tl.maximum(score, 0.0).to(tl.int32, bitcast=True) >> ID_BITS) << ID_BITS) + (low - j)[None, :]
         key = tl.where(j[None, :] < ncand[:, None], key, -1)
