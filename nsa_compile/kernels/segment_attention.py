@@ -443,8 +443,8 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     e_hi = tl.load(walk + 1)
     if e_lo >= e_hi:
         return
-    txt, c, key_ok, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt, n_pieces,
-                                            skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV, HAS_KMASK)
+    txt, c, key_ok, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt,
+                                                 n_pieces, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV, HAS_KMASK)
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     RT: tl.constexpr = ROWS // G
