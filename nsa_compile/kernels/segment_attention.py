@@ -466,7 +466,8 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
         ex = tl.math.exp2(s - m_safe[:, None])
         l = tl.sum(ex, axis=1)
         l_safe = tl.where(l == 0.0, 1.0, l)
-        o = tl.dot(ex.to(v.dtype), v, input_precision=PRECISION) * (1.0 / l_safe)[:, None]
+        # normalised before the product: [rows, 64] multiplies instead of [rows, DV]
+        o = tl.dot((ex * (1.0 / l_safe)[:, None]).to(v.dtype), v, input_precision=PRECISION)
         idx = _slot_index(bh, t, t0, P, slot, g, G, NSLOT, IDX64)
         lse2 = m_safe + tl.math.log2(l_safe)
         tl.store(LP + idx, tl.where(l == 0.0, float("-inf"), lse2 * LN2), mask=ok)
