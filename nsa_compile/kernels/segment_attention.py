@@ -429,7 +429,7 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     """The selection branch's forward by key segment (program kid, bh) for positions t0 … t0+P−1: the segment's
     K/V tile is loaded once and every (position, head) row that reads it gets the softmax of its scores over this
     segment alone, RT = ROWS // G positions per step (rows packed as position·G + head, not padded to a power of
-    two: group 7 fills 126 of 128 rows, not 112): LP = its log-sum-exp (fp32; −inf when it sees no key), OP = the
+    two: group 7 fills 63 of 64 rows, not 56): LP = its log-sum-exp (fp32; −inf when it sees no key), OP = the
     normalised output (OP's dtype), at [bh, t − t0, slot, g] with slot the segment's rank among the position's
     (``s`` < NSEL+1: its top-n ids and own block; NSEL+1+i: text chunk i). `_selection_combine` merges a position's
     slots. Readers: for selection block kid < Ns entries WALK[bh, kid] = (first, end) of LIST[bh], each
@@ -959,12 +959,14 @@ SELECTION_PARTIAL_BYTES = 256 << 20
 # The by-key kernels index their per-segment partials in int32 below this many elements (int64 from it on).
 PARTIAL_INDEX_INT32_MAX = 2**31
 # `_selection_partials`, fastest first: rows (positions × the group, packed) per step, launch options (half
-# precision starts at the first, fp32 at the third). The first that fits in shared memory is used, and remembered
-# per shape (dtype, head dims, block, group) in _fwd_config: half precision at head dim 256 with blocks of 128 needs
-# 256 KiB for 128 rows on two stages (`scripts/check_kernels_sm90.py` with Triton's divisibility hints; an H100
-# has 227). `_selection_combine`: rows per program, launch options.
-SELECTION_FWD_CONFIGS = ((128, dict(num_warps=8, num_stages=2)), (64, dict(num_warps=4, num_stages=2)),
-                         (64, dict(num_warps=4, num_stages=1)), (32, dict(num_warps=4, num_stages=1)))
+# precision starts at the first, fp32 at the second). The first that fits in shared memory is used, and remembered
+# per shape (dtype, head dims, block, group) in _fwd_config. 64 rows on 4 warps, 2 stages, replaced 128 rows on 8
+# warps once the step had fewer instructions (H100, 128K, forward: A 75.6 / 75.9 → 73.2 / 73.2 ms, A with text
+# around the video 79.1 / 77.8 → 75.6 / 76.0; B and 32K within noise; eighteenth session). Half precision at head
+# dim 256 with blocks of 128 needs 192 KiB there (`scripts/check_kernels_sm90.py` with Triton's divisibility
+# hints; 128 rows needed 256 KiB, over an H100's 227). `_selection_combine`: rows per program, launch options.
+SELECTION_FWD_CONFIGS = ((64, dict(num_warps=4, num_stages=2)), (64, dict(num_warps=4, num_stages=1)),
+                         (32, dict(num_warps=4, num_stages=1)))
 _fwd_config: dict = {}
 SELECTION_COMBINE_LAUNCH = (32, dict(num_warps=4))
 
@@ -990,7 +992,7 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
     per_position = B * Hkv * G * nslot * (Dv * q.element_size() + 4)
     P = min(Tq, max(BLOCK_T, SELECTION_PARTIAL_BYTES // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
-    configs = SELECTION_FWD_CONFIGS[0 if half else 2:]
+    configs = SELECTION_FWD_CONFIGS[0 if half else 1:]
     shape = (q.dtype, D, Dv, plan.block_n, G)
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
     z = torch.zeros(1, dtype=torch.float32, device=q.device)

@@ -299,10 +299,10 @@ def test_selection_backward_by_key_falls_back_to_smaller_tiles_beyond_shared_mem
 
 
 def test_selection_forward_by_key_falls_back_to_smaller_tiles_beyond_shared_memory(monkeypatch):
-    """The same for the selection forward by key segment (half precision at head dim 256 with blocks of 128 needs
-    256 KiB of shared memory for 128 rows on two stages; `scripts/check_kernels_sm90.py`): its first configuration
-    raising OutOfResources at the first chunk gives way to the next, remembered for the shape; the output stays
-    exact (fp32, whose configurations start at 64 rows)."""
+    """The same for the selection forward by key segment (half precision at head dim 256 with blocks of 128 needed
+    256 KiB of shared memory for 128 rows on two stages, its first configuration until the eighteenth session;
+    `scripts/check_kernels_sm90.py`): its first configuration raising OutOfResources at the first chunk gives way
+    to the next, remembered for the shape; the output stays exact (fp32, whose configurations start at 64 rows)."""
     from nsa_compile.kernels import segment_attention as sa
 
     tried = []
@@ -321,9 +321,9 @@ def test_selection_forward_by_key_falls_back_to_smaller_tiles_beyond_shared_memo
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_head_dim_256_with_selection_blocks_of_128_runs_on_gpu():
     """bf16 at head dim 256 with selection blocks of 128 and a group of 7 (the by-key selection, forward and
-    backward from the forward's state): its first tiles exceed an H100's shared memory; the fallbacks run and the
-    output and gradients match the reference. Top-4 of at most 4 earlier blocks: every row picks all of them, so
-    no near tie can make the picks differ."""
+    backward from the forward's state): the backward's first tiles exceed an H100's shared memory; its fallback
+    runs and the output and gradients match the reference. Top-4 of at most 4 earlier blocks: every row picks all
+    of them, so no near tie can make the picks differ."""
     g = torch.Generator(device="cuda").manual_seed(11)
     B, Hq, Hkv, T, D, n = 1, 7, 1, 640, 256, 4
     q = torch.randn(B, Hq, T, D, device="cuda", generator=g).bfloat16()
