@@ -755,16 +755,32 @@ def test_selection_backward_by_key_runs_in_position_chunks(case, monkeypatch):
 
 @pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
 def test_by_key_partials_indexed_in_64_bits_equal_32_bits(case, monkeypatch):
-    """The by-key selection kernels index their per-segment partials in int32 (fewer instructions per step) and
-    switch to int64 from `PARTIAL_INDEX_INT32_MAX` elements (the backward's partials may be as large as dO: 2³¹
-    elements at 256K tokens × 64 heads × 128 dims). Forced to int64 here: bitwise the same output and gradients."""
+    """The by-key selection kernels index in int32 (fewer instructions per step) and switch to int64 once an
+    offset into their partials, queries, dO, gates or reader lists reaches `BY_KEY_INT32_MAX` (the backward's
+    partials may be as large as dO: 2³¹ elements at 256K tokens × 64 heads × 128 dims). Forced to int64 here:
+    bitwise the same output and gradients."""
     from nsa_compile.kernels import segment_attention as sa
 
     out32, _, grads32, _ = run_both(case, torch.float32, seed=5, forward_state=True)
-    monkeypatch.setattr(sa, "PARTIAL_INDEX_INT32_MAX", 0)
+    monkeypatch.setattr(sa, "BY_KEY_INT32_MAX", 0)
     out64, _, grads64, _ = run_both(case, torch.float32, seed=5, forward_state=True)
     assert torch.equal(out32, out64)
     assert all(torch.equal(a, b) for a, b in zip(grads32, grads64))
+
+
+def test_by_key_kernels_switch_to_int64_offsets_at_two_to_the_31():
+    """`_indices_need_int64` counts the last element's offset from sizes and strides (a view of a larger tensor
+    reaches as far as its strides take it): queries of 256K tokens × 64 heads × 128 dims need int64, one token
+    fewer does not, nor a smaller view, but a strided view spanning 2³¹ elements does; empty tensors count 0."""
+    from nsa_compile.kernels.segment_attention import _indices_need_int64
+
+    small = torch.empty(4, device="meta")
+    assert _indices_need_int64(small, torch.empty(1, 64, 262144, 128, device="meta"))
+    assert not _indices_need_int64(small, torch.empty(1, 64, 262143, 128, device="meta"))
+    big = torch.empty(1, 3, 2**30, device="meta")
+    assert not _indices_need_int64(big[:, :1])
+    assert _indices_need_int64(big[:, ::2, :1])  # 2 elements, the second 2³¹ away
+    assert not _indices_need_int64(torch.empty(0, device="meta"), small)
 
 
 @pytest.mark.parametrize("case", list(CASES))
