@@ -1022,6 +1022,7 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
         if o_part is None:  # after the lists, as in `selection_bwd`
             o_part = torch.empty(B * Hkv * P * nslot * G * Dv, dtype=q.dtype, device=q.device)
             lse_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
+        idx64 = _indices_need_int64(o_part, q, entries)  # once per call, not per chunk
         for t0 in range(0, Tq, P):
             lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
             try:
@@ -1030,7 +1031,7 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
                     tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
                     n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D,
                     DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
-                    HAS_KMASK=plan.key_valid is not None, IDX64=_indices_need_int64(o_part, q, entries), **options)
+                    HAS_KMASK=plan.key_valid is not None, IDX64=idx64, **options)
             except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
                 if t0 or i + 1 == len(configs):
                     raise
@@ -1123,6 +1124,7 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
         if n_txt:
             tdk = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, D, dtype=torch.float32, device=q.device)
             tdv = torch.zeros(B * Hkv, n_txt * n_pieces, plan.block_n, Dv, dtype=torch.float32, device=q.device)
+        idx64 = _indices_need_int64(dq_part, q, grad_out, gates, entries)  # once per call, not per chunk
         for t0 in range(0, Tq, P):
             seen.zero_()  # slots no segment writes (fewer than n candidates, text not yet seen)
             try:
@@ -1132,7 +1134,7 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
                     tables["key_valid"], *strides, Tq, Tk, Ns, n_txt, n_pieces, entries.shape[-1], t0, P, scale,
                     G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, NSLOT=nslot,
                     PRECISION="tf32" if half else "ieee", HAS_KMASK=plan.key_valid is not None,
-                    IDX64=_indices_need_int64(dq_part, q, grad_out, gates, entries), **options)
+                    IDX64=idx64, **options)
             except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
                 if t0 or i + 1 == len(configs):
                     raise
