@@ -243,15 +243,6 @@ def _write_rows(o, gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_ou
 
 
 @triton.jit
-def _gated_do(DO, GATE, row, valid, GI: tl.constexpr, DV: tl.constexpr):
-    """dO of one branch for the rows: g·dO (NSA eq. 5), fp32 [rows, DV]."""
-    do = tl.load(DO + row[:, None] * DV + tl.arange(0, DV)[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-    if GI >= 0:
-        do = do * tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)[:, None]
-    return do
-
-
-@triton.jit
 def _segment_kv(K, V, b, hkv, start, length, Nk, skb, skh, skt, svb, svh, svt, BLOCK_N: tl.constexpr,
                 D: tl.constexpr, DV: tl.constexpr):
     """Key positions c, their validity (c < start + length, c < Nk) and the K [BLOCK_N, D], V [BLOCK_N, DV] tiles of
@@ -335,7 +326,9 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D,
                                                  RT)
         # no branch on steps without valid rows (their loads are masked, their P is 0): the loop can pipeline
-        do = _gated_do(DO, GATE, row, valid, GI, DV).to(Q.dtype.element_ty)
+        # dO as loaded: the gate scales the [rows, BLOCK_N] products below, not dO's [rows, DV] (one multiply per
+        # score instead of a conversion, a multiply and a rounding per dO element)
+        do = tl.load(DO + row[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
         lse = tl.load(LSE + row, mask=valid, other=float("inf"))
         delta = tl.load(DELTA + row, mask=valid, other=0.0)
         if MODE == 3:  # every listed position reads the block (causally); text: every later position
@@ -349,9 +342,15 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
         pr = tl.where(vis, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = pr * (dp - delta[:, None])
+        if GI >= 0:  # dS = P (gate·dP − delta), dv += (gate·P)ᵀ dO
+            gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
+            ds = pr * (gate[:, None] * dp - delta[:, None])
+            pv = pr * gate[:, None]
+        else:
+            ds = pr * (dp - delta[:, None])
+            pv = pr
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dvv += tl.dot(tl.trans(pr.to(do.dtype)), do, input_precision=PRECISION)
+        dvv += tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision=PRECISION)
     kv_off = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * Nk
     pk = DK + (kv_off + c)[:, None] * D + d[None, :]
     pv = DV_ + (kv_off + c)[:, None] * DV + dv[None, :]
