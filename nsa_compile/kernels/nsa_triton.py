@@ -269,6 +269,15 @@ def _check_memory(q: Tensor, k: Tensor, v: Tensor, top_n: int, selection_block_s
             "use a device with more memory")
 
 
+def _check_scale(scale: float) -> None:
+    """The kernels take each row's maximum of the unscaled scores q·k and scale it with them in one FFMA, which
+    needs a positive scale."""
+    if not scale > 0:
+        raise NSAInputError(f"the NSA Triton kernels need a positive softmax scale, got {scale}: pass scale > 0 "
+                            "(default 1/sqrt(head dim)), or run the PyTorch reference (`nsa_reference`, or CPU "
+                            "tensors) for other scales")
+
+
 def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, scale: float,
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
                        key_valid: Tensor | None = None, _keep: dict | None = None,
@@ -285,8 +294,9 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     branch's log-sum-exp of the video rows (0 in the others), for its ``selection_lse``.
 
     Raises:
-        NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
+        NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory; ``scale`` ≤ 0.
     """
+    _check_scale(scale)
     _check_memory(q, k, v, top_n, selection_block_size, backward=False)
     Dv = v.shape[-1]
     out = _empty(*q.shape[:3], Dv, dtype=q.dtype, device=q.device)
@@ -374,8 +384,9 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     (`segment_attention.selection_bwd`), its delta from the output less the other branches' (FlashAttention-2).
 
     Raises:
-        NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory.
+        NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory; ``scale`` ≤ 0.
     """
+    _check_scale(scale)
     _check_memory(q, k, v, top_n, selection_block_size, backward=True)
     D, Dv, dtypes = q.shape[-1], v.shape[-1], (q.dtype, k.dtype, v.dtype, gates.dtype)
     q, k, v = _pad_head_dims(q, k, v)

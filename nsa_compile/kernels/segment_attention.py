@@ -120,15 +120,16 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
              HAS_KMASK: tl.constexpr):
     """[rows, keys] mask of what each row sees among keys ``c`` of one segment; with HAS_KMASK, token keys
     (not the compressed ones) must also be valid in KVALID (an attention mask's key padding)."""
+    c32 = c.to(tl.int32)  # positions < 2³¹: int32 compares (one instruction each, not two)
     if MODE == 0:
-        m = c[None, :] <= p[:, None]
+        m = c32[None, :] <= p[:, None]
     elif MODE == 1:
-        m = (c[None, :] <= p[:, None]) & (c[None, :] > p[:, None] - window)
+        m = (c32[None, :] <= p[:, None]) & (c32[None, :] > p[:, None] - window)
     elif MODE == 2:
         end = tl.load(KEND + kend_base + c, mask=c_ok, other=2147483647)
         m = end[None, :] <= p[:, None]
     else:
-        m = (c[None, :] <= p[:, None]) & ((owner < 0) | (t_loc == owner))[:, None]
+        m = (c32[None, :] <= p[:, None]) & ((owner < 0) | (t_loc == owner))[:, None]
     if HAS_KMASK and MODE != 2:
         m = m & (tl.load(KVALID + kv_base + c, mask=c_ok, other=0) != 0)[None, :]
     return m & c_ok[None, :]
@@ -183,13 +184,13 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         c = start + n
         c_ok = (n < length) & (c < Nk)
         k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units: exp2, no fix-up
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
         vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
                        b.to(tl.int64) * Tk, HAS_KMASK)
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * (scale * LOG2E))  # log2 units: exp2, no range fix-up
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.math.exp2(s - m_safe[:, None])
+        e = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         e_sum = tl.sum(e, axis=1)
         v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
@@ -332,7 +333,7 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         lse = tl.load(LSE + row, mask=valid, other=float("inf"))
         delta = tl.load(DELTA + row, mask=valid, other=0.0)
         if MODE == 3:  # every listed position reads the block (causally); text: every later position
-            vis = (c[None, :] <= p[:, None]) & c_ok[None, :]
+            vis = (c.to(tl.int32)[None, :] <= p[:, None]) & c_ok[None, :]
             if HAS_KMASK:
                 vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
         else:
@@ -448,23 +449,24 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     d = tl.arange(0, D)
     dv = tl.arange(0, DV)
     RT: tl.constexpr = ROWS // G
-    last = tl.max(tl.where(key_ok, c, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
+    c32 = c.to(tl.int32)  # positions < 2³¹: int32 compares in the loop (one instruction each, not two)
+    last = tl.max(tl.where(key_ok, c32, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
     r = tl.arange(0, ROWS)
     g = r % G
     h = hkv * G + g
     for i in range(e_lo, e_hi, RT):
         t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL, IDX64)
         bw = b.to(tl.int64) if IDX64 else b  # int32 offsets below 2³¹ elements: fewer instructions per row
-        q_ptr = Q + bw * sqb + h * sqh + t * sqt
-        q = tl.load(q_ptr[:, None] + d[None, :], mask=ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
-        vis = c[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
+        q_ptr = Q + bw * sqb + h * sqh + tl.where(ok, t, 0) * sqt  # rows not read: position 0, their scores unseen
+        q = tl.load(q_ptr[:, None] + d[None, :])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
+        vis = c32[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
         if HAS_KMASK:
             vis = vis & c_ok[None, :]
         s = tl.where(vis, s, float("-inf"))
         m = tl.max(s, axis=1)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        ex = tl.math.exp2(s - m_safe[:, None])
+        m_safe = tl.where(m == float("-inf"), 0.0, m) * (scale * LOG2E)  # log2 units
+        ex = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
         l = tl.sum(ex, axis=1)
         l_safe = tl.where(l == 0.0, 1.0, l)
         # normalised before the product: [rows, 64] multiplies instead of [rows, DV]
@@ -565,7 +567,8 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
     r = tl.arange(0, ROWS)
     g = r % G
     h = hkv * G + g
-    last = tl.max(tl.where(key_ok, c, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
+    c32 = c.to(tl.int32)  # positions < 2³¹: int32 compares in the loop (one instruction each, not two)
+    last = tl.max(tl.where(key_ok, c32, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     for i in range(e_lo, e_hi, RT):
@@ -578,19 +581,19 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
         delta = tl.load(DELTA + row, mask=ok, other=0.0)
         gate = tl.load(GATE + row * 3 + 1, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
-        vis = c[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
+        vis = c32[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
         if HAS_KMASK:
             vis = vis & c_ok[None, :]
         pr = tl.where(vis, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = pr * ((gate * scale)[:, None] * dp - (delta * scale)[:, None])  # scale·dS
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
         idx = _slot_index(bh, t, t0, P, slot, g, G, NSLOT, IDX64)
         tl.store(RDP + idx, tl.sum(pr * dp, axis=1), mask=ok)
+        ds = (pr * ((gate * scale)[:, None] * dp - (delta * scale)[:, None])).to(k.dtype)  # scale·dS
+        dvv += tl.dot(tl.trans((pr * gate[:, None]).to(do.dtype)), do, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(ds), q, input_precision=PRECISION)
+        dq = tl.dot(ds, k, input_precision=PRECISION)
         tl.store(SEEN + idx, tl.full([ROWS], 1, tl.int8), mask=ok)
         tl.store(DQP + idx[:, None] * D + d[None, :], dq.to(DQP.dtype.element_ty), mask=ok[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dvv += tl.dot(tl.trans((pr * gate[:, None]).to(do.dtype)), do, input_precision=PRECISION)
     pk = DK + (bh.to(tl.int64) * Tk + c)[:, None] * D + d[None, :]
     pv = DV_ + (bh.to(tl.int64) * Tk + c)[:, None] * DV + dv[None, :]
     if kid >= Ns:  # a piece of a text chunk's readers: its own slice of TDK, TDV

@@ -4,6 +4,7 @@ interpreter (small shapes, fp32 and fp16) and on the GPU (bf16/fp16, thousands o
 import pytest
 import torch
 
+from nsa_compile.kernels.common import NSAInputError
 from nsa_compile.kernels.nsa import nsa_reference
 from tests.kernels.test_nsa import make, rel, spans
 
@@ -187,6 +188,18 @@ def test_gradients_with_keys_of_a_large_common_mean():
     _, _, grads, ref_grads = run_both("B1-HQ7-H1-T90-group7", torch.float16, seed=2, key_mean=16.0)
     for name, g, r in zip("qkvg", grads, ref_grads):
         check(g, r, 1e-2, name)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan")])
+def test_a_softmax_scale_that_is_not_positive_is_refused(scale):
+    """The kernels scale each row's maximum of the raw scores (one FFMA per score), which needs scale > 0."""
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES["B1-HQ7-H1-T90-group7"]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32)
+    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
+    with pytest.raises(NSAInputError, match="positive softmax scale"):
+        nsa_triton_forward(q, k, v, gates, vm, scale, l, d, ls, n, w)
+    with pytest.raises(NSAInputError, match="positive softmax scale"):
+        nsa_triton_backward(torch.randn_like(q), q, k, v, gates, vm, scale, l, d, ls, n, w)
 
 
 @pytest.mark.parametrize("piece", [20, 3])
