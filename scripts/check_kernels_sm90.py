@@ -90,11 +90,11 @@ def record(path: str, quick: bool, head_dims: tuple[int, ...] | None = None) -> 
                     # the forward keeping its state for the training op's backward (selection by key segment),
                     # then both backwards: with that state, and recomputing
                     ids = torch.full((B, Hkv, T, params[3]), -1, dtype=torch.int32)
-                    lse = torch.zeros(B, Hq, T)
+                    lse = torch.zeros(B, Hq, T, 3)
                     out = nsa_triton_forward(q, k, v, gates, vm, D ** -0.5, *params, selected_out=ids,
-                                             selection_lse_out=lse)
+                                             lse_out=lse)
                     go = torch.randn_like(q)
-                    nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params, selected=ids, selection_lse=lse,
+                    nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params, selected=ids, lse=lse,
                                         out=out)
                     nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params)
                     if D & (D - 1) == 0 and params[1] == params[0]:  # sparse decode: power-of-two head dims

@@ -125,7 +125,7 @@ def test_fullgraph_capture_wires_the_mask_inside_the_graph(form):
 
 
 def test_training_graphs_keep_the_topn_for_the_backward(monkeypatch):
-    """Under autograd the rewrite emits ``nsa_attention_with_ids`` (its backward reuses the forward's top-n ids);
+    """Under autograd the rewrite emits ``nsa_attention_with_state`` (its backward reuses the forward's top-n ids);
     under ``no_grad`` (as every export captures) the plain ``nsa_attention``."""
     from nsa_compile.backend import NSABackend
 
@@ -142,14 +142,15 @@ def test_training_graphs_keep_the_topn_for_the_backward(monkeypatch):
     model = ToyVLM()
     ids, pix = toy_inputs()
     compiled = nsa_compile.compile(model, SMALL, fullgraph=True)
-    with_ids, plain = torch.ops.nsa_compile.nsa_attention_with_ids.default, torch.ops.nsa_compile.nsa_attention.default
+    with_state, plain = (torch.ops.nsa_compile.nsa_attention_with_state.default,
+                         torch.ops.nsa_compile.nsa_attention.default)
     out = compiled(ids, pix)
-    assert with_ids in seen[-1] and plain not in seen[-1]
+    assert with_state in seen[-1] and plain not in seen[-1]
     out.square().mean().backward()
     assert model.layers[0].q_proj.weight.grad.abs().sum() > 0
     with torch.no_grad():
         again = compiled(ids, pix)
-    assert plain in seen[-1] and with_ids not in seen[-1]
+    assert plain in seen[-1] and with_state not in seen[-1]
     assert rel(again, out.detach()) <= 1e-6
 
 

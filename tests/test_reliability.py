@@ -579,10 +579,10 @@ def test_long_context_256k_tokens_64_heads_against_the_chunked_reference():
     params = (cfg.block_size, cfg.block_stride, cfg.selection_block_size, cfg.top_n, cfg.window_size)
     keep = {}
     ids = torch.full((B, Hkv, T, cfg.top_n), -1, dtype=torch.int32, device="cuda")
-    lse = torch.zeros(B, Hq, T, device="cuda")
+    lse = torch.zeros(B, Hq, T, 3, device="cuda")
     with torch.no_grad():
         out = nt.nsa_triton_forward(q, k, v, gates, vm, D ** -0.5, *params, _keep=keep, selected_out=ids,
-                                    selection_lse_out=lse)
+                                    lse_out=lse)
         assert out.shape == q.shape and torch.isfinite(out).all()
         selected = keep.pop("selected")
         # the backward is checked on 64 queries, the end of the second video and the text after it (fp32 autograd
@@ -598,8 +598,8 @@ def test_long_context_256k_tokens_64_heads_against_the_chunked_reference():
     nsa_reference(*inputs, vm[:, :i1], None, D ** -0.5, *params).backward(go[:, :, i0:i1].float())
     rows = same.repeat_interleave(Hq // Hkv, 1)  # dq and dgates are per row: compare the rows that agree
     # the backward that recomputes the top-n (selection by query tile) and the training op's, given the forward's
-    # top-n, selection log-sum-exp and output (selection by key segment)
-    for state in ({}, dict(selected=ids, selection_lse=lse, out=out)):
+    # top-n, log-sum-exps and output (selection by key segment)
+    for state in ({}, dict(selected=ids, lse=lse, out=out)):
         dq, dk, dv, dg = nt.nsa_triton_backward(go, q, k, v, gates, vm, D ** -0.5, *params, **state)
         for x in (dq[:, :, :i0], dq[:, :, i1:], dg[:, :, :i0], dg[:, :, i1:], dk[:, :, i1:], dv[:, :, i1:]):
             assert x.abs().max() == 0  # no gradient where dO is zero, nor to keys after the last query

@@ -218,47 +218,50 @@ def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, se
     return q.new_empty(q.shape[:3] + (v.shape[-1],))
 
 
-@torch.library.custom_op("nsa_compile::nsa_attention_with_ids", mutates_args=())
-def _nsa_attention_with_ids(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
+# Named ``nsa_attention_with_ids`` until its log-sum-exp output became the three branches' ([B, Hq, Tq, 3], was
+# [B, Hq, Tq]): a new name, so that graphs Inductor cached with the old output shape are never reused.
+@torch.library.custom_op("nsa_compile::nsa_attention_with_state", mutates_args=())
+def _nsa_attention_with_state(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
                             selection_block_size: int, top_n: int, window_size: int
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """``nsa_attention`` for training: also returns what its backward reuses instead of recomputing, from the
     Triton path: the top-n block ids int32 [B, Hkv, Tq, top_n] (−1 where none: rows without selection, fewer
     blocks than n, or the reference path, whose backward recomputes; NSA §3.3.2: the choice is not
-    differentiated) and the selection branch's log-sum-exp fp32 [B, Hq, Tq] (0 where none)."""
+    differentiated) and the log-sum-exps of the compression, selection and sliding-window branches, fp32
+    [B, Hq, Tq, 3] (0 where none)."""
     ids = torch.full((q.shape[0], k.shape[1], q.shape[2], top_n), -1, dtype=torch.int32, device=q.device)
-    lse = torch.zeros(q.shape[:3], dtype=torch.float32, device=q.device)
+    lse = torch.zeros(q.shape[:3] + (3,), dtype=torch.float32, device=q.device)
     route, key_valid = _route(q, k, v, attn_mask)
     if route:
         from .nsa_triton import nsa_triton_forward
         check_inputs(q, k, v, gates, video_mask)
         out = nsa_triton_forward(q, k, v, gates, video_mask, scale, block_size, block_stride, selection_block_size,
-                                 top_n, window_size, key_valid, selected_out=ids, selection_lse_out=lse)
+                                 top_n, window_size, key_valid, selected_out=ids, lse_out=lse)
         return out.contiguous(), ids, lse
     return nsa_reference(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride,
                          selection_block_size, top_n, window_size), ids, lse
 
 
-@_nsa_attention_with_ids.register_fake
+@_nsa_attention_with_state.register_fake
 def _(q, k, v, gates, video_mask, attn_mask, scale, block_size, block_stride, selection_block_size, top_n,
       window_size):
     return (q.new_empty(q.shape[:3] + (v.shape[-1],)),
             q.new_empty((q.shape[0], k.shape[1], q.shape[2], top_n), dtype=torch.int32),
-            q.new_empty(q.shape[:3], dtype=torch.float32))
+            q.new_empty(q.shape[:3] + (3,), dtype=torch.float32))
 
 
 @torch.library.custom_op("nsa_compile::nsa_attention_backward", mutates_args=())
 def _nsa_attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                             attn_mask: Tensor | None, scale: float, block_size: int, block_stride: int,
                             selection_block_size: int, top_n: int, window_size: int,
-                            selected: Tensor | None = None, selection_lse: Tensor | None = None,
+                            selected: Tensor | None = None, lse: Tensor | None = None,
                             out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     route, key_valid = _route(q, k, v, attn_mask)
     if route:
         from .nsa_triton import nsa_triton_backward
         grads = nsa_triton_backward(grad_out, q, k, v, gates, video_mask, scale, block_size, block_stride,
-                                    selection_block_size, top_n, window_size, key_valid, selected, selection_lse,
+                                    selection_block_size, top_n, window_size, key_valid, selected, lse,
                                     out)
         return tuple(g.contiguous() for g in grads)
 
@@ -294,18 +297,18 @@ def _backward(ctx, grad_out, *forward_state):
 _nsa_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _setup_context_with_ids(ctx, inputs, output):
+def _setup_context_with_state(ctx, inputs, output):
     q, k, v, gates, video_mask, attn_mask, *params = inputs
     out, ids, lse = output
     ctx.save_for_backward(q, k, v, gates, video_mask, attn_mask, ids, lse, out)
     ctx.params = params
 
 
-def _backward_with_ids(ctx, grad_out, _grad_ids, _grad_lse):
+def _backward_with_state(ctx, grad_out, _grad_ids, _grad_lse):
     return _backward(ctx, grad_out, *ctx.saved_tensors[6:])
 
 
-_nsa_attention_with_ids.register_autograd(_backward_with_ids, setup_context=_setup_context_with_ids)
+_nsa_attention_with_state.register_autograd(_backward_with_state, setup_context=_setup_context_with_state)
 
 
 # ``NSAConfig.decode == "sparse"``: the same inputs as nsa_attention (so the rewrite and the export see the same
@@ -343,7 +346,7 @@ _nsa_attention_sparse_decode.register_autograd(_sparse_backward, setup_context=_
 
 def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, config,
                   attn_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
-    """Call ``torch.ops.nsa_compile.nsa_attention`` (``nsa_attention_with_ids`` when autograd records it, so that
+    """Call ``torch.ops.nsa_compile.nsa_attention`` (``nsa_attention_with_state`` when autograd records it, so that
     the backward reuses the forward's top-n; ``nsa_attention_sparse_decode`` when ``config.decode`` is
     ``"sparse"``) with the block sizes of an `NSAConfig`.
 
@@ -356,13 +359,13 @@ def nsa_attention(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Te
     if getattr(config, "decode", "dense") == "sparse":
         return torch.ops.nsa_compile.nsa_attention_sparse_decode(*args)
     if records_grad(q, k, v, gates):
-        return torch.ops.nsa_compile.nsa_attention_with_ids(*args)[0]
+        return torch.ops.nsa_compile.nsa_attention_with_state(*args)[0]
     return torch.ops.nsa_compile.nsa_attention(*args)
 
 
 def records_grad(*tensors) -> bool:
     """Whether autograd records an op on ``tensors`` (grad mode on and one of them requiring grad): the rewrite
-    and `nsa_attention` then use ``nsa_attention_with_ids``, whose saved top-n ids, selection log-sum-exp and
+    and `nsa_attention` then use ``nsa_attention_with_state``, whose saved top-n ids, branch log-sum-exps and
     output spare the backward a second top-n and let its selection run by key segment (shape A's forward+backward
     at 128K on an H100: 373 → 235 ms; BENCHMARKS.md, sixteenth session)."""
     return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)

@@ -281,7 +281,7 @@ def _check_scale(scale: float) -> None:
 def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor, scale: float,
                        block_size: int, block_stride: int, selection_block_size: int, top_n: int, window_size: int,
                        key_valid: Tensor | None = None, _keep: dict | None = None,
-                       selected_out: Tensor | None = None, selection_lse_out: Tensor | None = None) -> Tensor:
+                       selected_out: Tensor | None = None, lse_out: Tensor | None = None) -> Tensor:
     """Forward of the op on Triton (CUDA, or the interpreter on CPU): shapes and semantics of `nsa_reference`;
     fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
     An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
@@ -290,8 +290,9 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     rows' dense branch runs once, on CUDA on a side stream beside them (joined before the return).
     ``_keep`` (tests) receives the layout, the video-query flags and ``selected``, the top-n block ids
     int32 [B, Hkv, Tq, n]. ``selected_out`` (int32 [B, Hkv, Tq, top_n], −1 filled by the caller) receives the top-n
-    block ids for `nsa_triton_backward`'s ``selected``; ``selection_lse_out`` (fp32 [B, Hq, Tq]) the selection
-    branch's log-sum-exp of the video rows (0 in the others), for its ``selection_lse``.
+    block ids for `nsa_triton_backward`'s ``selected``; ``lse_out`` (fp32 [B, Hq, Tq, 3]) the log-sum-exps of the
+    compression, selection and sliding-window branches (the gates' order) of the video rows (0 in the others), for
+    its ``lse``.
 
     Raises:
         NSAInputError: the work memory (`memory_estimate`) exceeds the GPU's free memory; ``scale`` ≤ 0.
@@ -338,8 +339,8 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
                 run = selection_fwd if name == "selection" and by_key else segment_attention_fwd
                 lse = run(qc, kc, vc, scale, plan, g, acc=acc, first=name == "compression",
                           out=out[:, hq] if name == last else None)[0]
-                if name == "selection" and selection_lse_out is not None:  # rows without selection: 0
-                    selection_lse_out[:, hq] = torch.where(lse.isnan(), 0.0, lse)
+                if lse_out is not None and plan.gate >= 0:  # rows without the branch: 0
+                    lse_out[:, hq, :, plan.gate] = torch.where(lse.isnan(), 0.0, lse)
                 if name == "compression":
                     _select(qc, kc, lse, plan.kend, layout, branches["selection"][0], top_n, scale,
                             segments=not by_key)
@@ -374,13 +375,14 @@ def _unpool(d_cmp: Tensor, layout: VideoLayout, Tk: int, block_size: int, block_
 def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor,
                         scale: float, block_size: int, block_stride: int, selection_block_size: int, top_n: int,
                         window_size: int, key_valid: Tensor | None = None, selected: Tensor | None = None,
-                        selection_lse: Tensor | None = None, out: Tensor | None = None
+                        lse: Tensor | None = None, out: Tensor | None = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dgates) of `nsa_triton_forward` in the inputs' dtypes. Recomputes the softmax statistics, and
     the top-n blocks unless ``selected`` (the forward's ``selected_out``) gives them; gate gradients are
     ``Σ_d dO·o_branch`` (NSA eq. 5); the top-n choice is not differentiated (NSA §3.3.2). Deterministic.
-    With ``selected``, ``selection_lse`` (the forward's ``selection_lse_out``) and ``out`` (the forward's output)
-    and a GQA group up to `SELECTION_BWD_BY_KEY_MAX_GROUP`, the selection branch's backward runs by key segment
+    With ``selected``, ``lse`` (the forward's ``lse_out``) and ``out`` (the forward's output), the compression and
+    window passes take their softmax from the forward's log-sum-exp (no running maximum to rescale by), and for a
+    GQA group up to `SELECTION_BWD_BY_KEY_MAX_GROUP` the selection branch's backward runs by key segment
     (`segment_attention.selection_bwd`), its delta from the output less the other branches' (FlashAttention-2).
 
     Raises:
@@ -402,7 +404,8 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dgates = torch.zeros(g.shape, dtype=torch.float32, device=q.device)
     vq = video_q[:, None, :]
-    by_key = (selected is not None and selection_lse is not None and out is not None and "selection" in branches
+    state = selected is not None and lse is not None and out is not None
+    by_key = (state and "selection" in branches
               and Hq // k.shape[1] <= SELECTION_BWD_BY_KEY_MAX_GROUP)
     video_deltas = []  # gate·Σ dO·o of the video rows' other branches, whose sum with the selection's is Σ dO·out
     # Text rows' pass (dense: few rows, each over every key, so a few long programs) runs on CUDA on the side stream
@@ -420,38 +423,40 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         plan, kk, vv = branches[name]
         if name == "selection" and by_key:
             d_slc = torch.where(vq, row_dot(go, out) - sum(video_deltas), 0.0).contiguous()
-            rowd = selection_bwd(q, kk, vv, go, g, selection_lse.contiguous(), d_slc, scale, plan, dq, dk, dv)
+            rowd = selection_bwd(q, kk, vv, go, g, lse[..., plan.gate].contiguous(), d_slc, scale, plan, dq, dk,
+                                 dv)
             dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
             continue
         on_side = name == "dense" and side is not None
         with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
-            lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq)
+            known = lse[..., plan.gate].contiguous() if state and plan.gate >= 0 else None
+            branch_lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq, lse=known)
             if plan.gate >= 0:
                 dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
                 delta = torch.where(vq, rowd * g[..., plan.gate], 0.0).contiguous()
             else:
                 delta = torch.where(vq, 0.0, rowd).contiguous()
         if on_side:
-            text_rows = (plan, kk, vv, lse, delta)
+            text_rows = (plan, kk, vv, branch_lse, delta)
             continue
         if name != "dense":
             video_deltas.append(delta)
         if name == "compression":
-            _select(q, kk, lse, plan.kend, layout, branches["selection"][0], top_n, scale, segments=not by_key,
-                    selected=selected)
+            _select(q, kk, branch_lse, plan.kend, layout, branches["selection"][0], top_n, scale,
+                    segments=not by_key, selected=selected)
             dkc, dvc = torch.zeros(kk.shape, dtype=torch.float32, device=q.device), torch.zeros(
                 vv.shape, dtype=torch.float32, device=q.device)
-            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dkc, dvc)
+            segment_attention_bwd(q, kk, vv, go, g, branch_lse, delta, scale, plan, dkc, dvc)
             Nc = layout.num_cmp_blocks  # without the padding rows
             dk += _unpool(dkc[:, :, :Nc], layout, Tk, block_size, block_stride)
             dv += _unpool(dvc[:, :, :Nc], layout, Tk, block_size, block_stride)
         else:
-            segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dk, dv)
+            segment_attention_bwd(q, kk, vv, go, g, branch_lse, delta, scale, plan, dk, dv)
     if text_rows is not None:
         main.wait_stream(side)
-        plan, kk, vv, lse, delta = text_rows
-        lse.record_stream(main)  # allocated on the side stream, read on the caller's
+        plan, kk, vv, branch_lse, delta = text_rows
+        branch_lse.record_stream(main)  # allocated on the side stream, read on the caller's
         delta.record_stream(main)
-        segment_attention_bwd(q, kk, vv, go, g, lse, delta, scale, plan, dk, dv)
+        segment_attention_bwd(q, kk, vv, go, g, branch_lse, delta, scale, plan, dk, dv)
     return (dq[..., :D].to(dtypes[0]), dk[..., :D].to(dtypes[1]), dv[..., :Dv].to(dtypes[2]),
             dgates.to(dtypes[3]))

@@ -145,7 +145,7 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
          PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr, ACC_IN: tl.constexpr,
-         TO_OUT: tl.constexpr):
+         TO_OUT: tl.constexpr, LSE_IN: tl.constexpr):
     """Online-softmax pass of one tile over its key segments; LSE[row] = log-sum-exp (+inf for a row that sees
     nothing: its o is 0). Rows not needed are left untouched.
 
@@ -156,7 +156,8 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
     = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated
     online (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp
     over the row's first visible segment, so the bf16-rounded terms P_j (dp_j − c) are small like the usual
-    P_j (dp_j − delta)."""
+    P_j (dp_j − delta). LSE_IN (backward only): LSE holds the forward's log-sum-exp, read instead of written, and
+    P_j = exp(s_j − lse) directly: no running maximum, nothing rescaled per step (FlashAttention-2's backward)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
                                                BLOCK_T, D, 1)
@@ -178,6 +179,8 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
     o_ptr = row[:, None] * DV + dv[None, :]
     if BWD:
         do = tl.load(DO + o_ptr, mask=valid[:, None], other=0.0)
+    if LSE_IN:  # the forward's log-sum-exp: P directly, no running max, nothing to rescale
+        lse2 = tl.load(LSE + row, mask=valid, other=float("inf")) * LOG2E
     n = tl.arange(0, BLOCK_N)
     for i in range(0, n_seg):  # no branch on empty segments (their loads are masked): the loop can pipeline
         start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N, NSEL)
@@ -187,28 +190,41 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
         vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
                        b.to(tl.int64) * Tk, HAS_KMASK)
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * (scale * LOG2E))  # log2 units: exp2, no range fix-up
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        e_sum = tl.sum(e, axis=1)
-        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-        if BWD:
+        if LSE_IN:
+            e = tl.where(vis, tl.math.exp2(s * (scale * LOG2E) - lse2[:, None]), 0.0)
+            e_sum = tl.sum(e, axis=1)
+            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             e_dp = tl.sum(e * dp, axis=1)
             c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
-            edp = edp * alpha + e_dp
-            a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
-                                              input_precision=PRECISION)
-            a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+            edp += e_dp
+            a1 += tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k, input_precision=PRECISION)
+            a2 += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+            l_i += e_sum
         else:
-            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + e_sum
-        m_i = m_new
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * (scale * LOG2E))  # log2 units: exp2, no range fix-up
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            e = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            e_sum = tl.sum(e, axis=1)
+            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+            if BWD:
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                e_dp = tl.sum(e * dp, axis=1)
+                c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
+                edp = edp * alpha + e_dp
+                a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
+                                                  input_precision=PRECISION)
+                a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + e_sum
+            m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
-    tl.store(LSE + row, tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=valid)
+    if not LSE_IN:
+        tl.store(LSE + row, tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=valid)
     gate = 1.0
     if GI >= 0:
         gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
@@ -748,7 +764,7 @@ def _launch_options(q, plan: SegmentPlan, bwd: bool, gp: int) -> dict:
 
 
 def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None, dq=None,
-                          first: bool = False, out=None):
+                          first: bool = False, out=None, lse=None):
     """One branch's forward, or the backward's pass over the same keys.
 
     Args:
@@ -759,15 +775,20 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
         is needed with ``first`` and ``out``); out: [B, Hq, Tq, Dv'] (Dv' ≤ Dv, last stride 1): the last branch
         of the needed rows writes their sum there, in out's dtype, instead of into ``acc``;
         grad_out, dq: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
-        needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned.
+        needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned;
+        lse: with grad_out, the forward's log-sum-exp of the branch (fp32 contiguous [B, Hq, Tq]; its rows that
+        need the branch are read): the pass takes P from it, with no running maximum to rescale by.
     Returns:
-        (lse fp32 [B, Hq, Tq], rowdot fp32 [B, Hq, Tq] or None); rows not needed hold NaN.
+        (lse fp32 [B, Hq, Tq] (the one given, if any), rowdot fp32 [B, Hq, Tq] or None); rows not needed hold NaN
+        (the given lse: what it held).
     """
     bwd = grad_out is not None
+    lse_in = bwd and lse is not None
     tables, strides, sizes, meta, grid = _launch_common(q, k, v, plan, halve=bwd and plan.mode == COMPRESSED)
     B, Hq, Tq = q.shape[:3]
-    lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
-    rowd = torch.full_like(lse, float("nan")) if bwd else None
+    if not lse_in:
+        lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
+    rowd = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device) if bwd else None
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
     cmp_n = z
     if plan.mode == COMPRESSED:  # causality: a tile visits only the compressed keys its last position sees
@@ -779,7 +800,7 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
                grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
                tables["segments"], tables["need"], tables["key_valid"], *strides,
                *(out.stride()[:3] if to_out else (0, 0, 0)), *sizes, plan.window, scale,
-               out.shape[-1] if to_out else 0, **meta, BWD=bwd, ACC_IN=not first, TO_OUT=to_out,
+               out.shape[-1] if to_out else 0, **meta, BWD=bwd, ACC_IN=not first, TO_OUT=to_out, LSE_IN=lse_in,
                **_launch_options(q, plan, bwd, meta["GP"]))
     return lse, rowd
 

@@ -94,8 +94,8 @@ def rewrite_graph(gm: fx.GraphModule, sites: list[tuple[AttentionSite, NSAGate]]
                     config.block_stride, config.selection_block_size, config.top_n, config.window_size)
             if config.decode != "sparse" and records_grad(_val(site.q), _val(site.k), _val(site.v),
                                                           *gate.gate_parameters()):
-                # training: the op's twin that also returns the top-n ids, which its backward reuses
-                pair = graph.call_function(torch.ops.nsa_compile.nsa_attention_with_ids.default, args)
+                # training: the op's twin that also returns the top-n ids and log-sum-exps, which its backward reuses
+                pair = graph.call_function(torch.ops.nsa_compile.nsa_attention_with_state.default, args)
                 out = graph.call_function(operator.getitem, (pair, 0))
             else:
                 out = graph.call_function(_nsa_op(config), args)

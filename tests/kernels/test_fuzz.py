@@ -7,7 +7,7 @@ dim, dtype, config (block size, stride, selection block, top-n, window) and the 
 all video, one span, several spans with text between them, spans shorter than a block, a different layout per
 batch row); keys i.i.d. normal, with a normal component shared by each selection block, or repeating per
 selection block (exact ties). Checked: the forward and the gradients of q, k, v and the gates from both
-backwards (recomputing, and the training op's from the forward's top-n, selection log-sum-exp and output),
+backwards (recomputing, and the training op's from the forward's top-n, log-sum-exps and output),
 ‖x−ref‖/‖ref‖ ≤ tol with tol 1e-5 (fp32), 1e-2 (fp16), 2e-2 (bf16), plus an absolute floor per element for
 results that are zero up to cancellation (inputs are O(1)): tol/10, or the dtype's unit roundoff where that is
 larger (bf16); NaN fails.
@@ -249,13 +249,13 @@ def check_case(c: dict) -> None:
 
     keep: dict = {}
     ids = torch.full((B, Hkv, Tq, params[3]), -1, dtype=torch.int32, device=DEVICE)
-    sel_lse = torch.zeros(B, Hq, Tq, device=DEVICE)
+    lse = torch.zeros(B, Hq, Tq, 3, device=DEVICE)
     out = nsa_triton_forward(q, k, v, gates, vm, scale, *params, _keep=keep, selected_out=ids,
-                             selection_lse_out=sel_lse)
+                             lse_out=lse)
     grads = nsa_triton_backward(go.to(dtype), q, k, v, gates, vm, scale, *params)
-    # the training op's backward: the forward's top-n, selection log-sum-exp and output (selection by key segment)
+    # the training op's backward: the forward's top-n, log-sum-exps and output (selection by key segment)
     grads_state = nsa_triton_backward(go.to(dtype), q, k, v, gates, vm, scale, *params, selected=ids,
-                                      selection_lse=sel_lse, out=out)
+                                      lse=lse, out=out)
     assert all(a.shape == b.shape and a.dtype == b.dtype for a, b in zip(grads, (q, k, v, gates)))
 
     with torch.no_grad():

@@ -245,7 +245,7 @@ def test_opcheck():
     vm = spans(1, 48, [[(4, 44)]])
     args = (q, k, v, gates, vm, None, 0.3, 8, 8, 8, 2, 8)
     torch.library.opcheck(torch.ops.nsa_compile.nsa_attention.default, args)
-    torch.library.opcheck(torch.ops.nsa_compile.nsa_attention_with_ids.default, args)
+    torch.library.opcheck(torch.ops.nsa_compile.nsa_attention_with_state.default, args)
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -321,7 +321,7 @@ def test_op_stays_one_node_under_torch_export_and_aot_autograd():
     inputs = [x.clone().requires_grad_() for x in (q, k, v, gates)]
     torch.compile(Layer(), backend=count_backend)(*inputs, vm).sum().backward()
     fw, bw = graphs  # under autograd: the twin that also returns the top-n ids, which the backward takes
-    assert sum(n.target is torch.ops.nsa_compile.nsa_attention_with_ids.default for n in fw.graph.nodes) == 1
+    assert sum(n.target is torch.ops.nsa_compile.nsa_attention_with_state.default for n in fw.graph.nodes) == 1
     back = [n for n in bw.graph.nodes if n.target is torch.ops.nsa_compile.nsa_attention_backward.default]
     assert len(back) == 1 and isinstance(back[0].args[-1], torch.fx.Node)  # the saved ids
     assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in inputs)

@@ -37,7 +37,7 @@ def block_structured(k, block=64, strength=1.0, seed=0):
 def run_both(case, dtype, seed=0, key_mean=0.0, forward_state=False):
     """Forward and gradients of the Triton path and of the fp64 reference on the case's random inputs; with
     ``key_mean``, every key is shifted by that many times one random vector (keys of a large common mean); with
-    ``forward_state``, the backward gets the forward's top-n ids, selection log-sum-exp and output (the training
+    ``forward_state``, the backward gets the forward's top-n ids, log-sum-exps and output (the training
     op's: its selection backward then runs by key segment for groups up to 16)."""
     B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
     q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=dtype, seed=seed)
@@ -52,9 +52,9 @@ def run_both(case, dtype, seed=0, key_mean=0.0, forward_state=False):
     state = {}
     if forward_state:
         state = dict(selected=torch.full((B, Hkv, Tq, n), -1, dtype=torch.int32),
-                     selection_lse=torch.zeros(B, Hq, Tq))
+                     lse=torch.zeros(B, Hq, Tq, 3))
     out = nsa_triton_forward(q, k, v, gates, vm, *params, selected_out=state.get("selected"),
-                             selection_lse_out=state.get("selection_lse"))
+                             lse_out=state.get("lse"))
     grads = nsa_triton_backward(go.to(dtype), q, k, v, gates, vm, *params, **state, out=out if state else None)
     return out, ref, grads, [torch.zeros_like(x) if x.grad is None else x.grad for x in ref_in]
 
@@ -346,10 +346,10 @@ def test_head_dim_256_with_selection_blocks_of_128_runs_on_gpu():
     vm = torch.ones(B, T, dtype=torch.bool, device="cuda")
     params = (D ** -0.5, 64, 64, 128, n, 128)
     ids = torch.full((B, Hkv, T, n), -1, dtype=torch.int32, device="cuda")
-    lse = torch.zeros(B, Hq, T, device="cuda")
-    out = nsa_triton_forward(q, k, v, gates, vm, *params, selected_out=ids, selection_lse_out=lse)
+    lse = torch.zeros(B, Hq, T, 3, device="cuda")
+    out = nsa_triton_forward(q, k, v, gates, vm, *params, selected_out=ids, lse_out=lse)
     go = torch.randn(out.shape, device="cuda", generator=g).bfloat16()
-    grads = nsa_triton_backward(go, q, k, v, gates, vm, *params, selected=ids, selection_lse=lse, out=out)
+    grads = nsa_triton_backward(go, q, k, v, gates, vm, *params, selected=ids, lse=lse, out=out)
     ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
     ref = nsa_reference(*ref_in, vm, None, *params)
     ref.backward(go.double())
@@ -596,12 +596,12 @@ def test_key_padding_masks_reach_the_kernels():
     ref = nsa_reference(*ref_in, vm, mask, *params)
     go = torch.randn(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     ref.backward(go)
-    ids, lse = torch.full((B, Hkv, T, params[4]), -1, dtype=torch.int32), torch.zeros(B, Hq, T)
+    ids, lse = torch.full((B, Hkv, T, params[4]), -1, dtype=torch.int32), torch.zeros(B, Hq, T, 3)
     out = nsa_triton_forward(q, k, v, gates, vm, *params, key_valid=key_valid, selected_out=ids,
-                             selection_lse_out=lse)
+                             lse_out=lse)
     check(out, ref.detach(), 1e-5, "out")
     # both backwards: recomputing, and with the forward's state (the selection by key segment)
-    for state in ({}, dict(selected=ids, selection_lse=lse, out=out)):
+    for state in ({}, dict(selected=ids, lse=lse, out=out)):
         grads = nsa_triton_backward(go.float(), q, k, v, gates, vm, *params, key_valid=key_valid, **state)
         for name, g, r in zip("qkvg", grads, [x.grad for x in ref_in]):
             check(g, r, 1e-5, name)
@@ -822,7 +822,7 @@ def test_backward_reuses_the_forward_topn(case):
 
 
 def test_training_op_runs_the_kernels_and_their_backward(monkeypatch):
-    """``nsa_attention`` under autograd runs ``nsa_attention_with_ids`` (here forced onto the Triton path on CPU):
+    """``nsa_attention`` under autograd runs ``nsa_attention_with_state`` (here forced onto the Triton path on CPU):
     output and gradients as the fp64 reference, and the ids it saves are the forward's."""
     from nsa_compile import NSAConfig
     from nsa_compile.kernels import nsa as nsa_mod
@@ -834,7 +834,7 @@ def test_training_op_runs_the_kernels_and_their_backward(monkeypatch):
     vm = spans(B, Tk, ranges)
     inputs = [x.clone().requires_grad_() for x in (q, k, v, gates)]
     out = nsa_mod.nsa_attention(*inputs, vm, cfg)
-    assert "nsa_attention_with_ids" in out.grad_fn.name()
+    assert "nsa_attention_with_state" in out.grad_fn.name()
     go = torch.randn(out.shape, generator=torch.Generator().manual_seed(6))
     out.backward(go)
     ref_in = [x.double().requires_grad_() for x in (q, k, v, gates)]
