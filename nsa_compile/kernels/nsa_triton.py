@@ -322,23 +322,19 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
             side.wait_stream(main)
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             segment_attention_fwd(q, kk, vv, scale, plan, gates, first=True, out=out)
-    # Video rows: the compression branch sets their accumulator (no zeroing), selection adds, and the last of them
-    # (window, or selection without it) writes the sum to ``out``.
-    last = "window" if "window" in branches else "selection"
+    # Video rows: the compression branch writes gate·o_cmp to ``out`` (no zeroing), and selection and window add
+    # theirs there (each rounded to out's dtype, as fla-core's NSA sums its branches' outputs: no fp32 accumulator
+    # of all rows, so the selection's per-segment partials get that memory).
     selected = []
     for h0 in range(0, Hkv, step):  # KV heads h0 … h0+step−1 and their query heads
         hq = slice(h0 * G, (h0 + step) * G)
         qc, g = q[:, hq], gates[:, hq].float().contiguous()
-        acc = None
-        if "compression" in branches:
-            acc = _empty(B, step * G, Tq, v.shape[-1], dtype=torch.float32, device=q.device)
         for name in ORDER:
             if name in branches:
                 plan, kk, vv = branches[name]
                 kc, vc = kk[:, h0:h0 + step], vv[:, h0:h0 + step]
                 run = selection_fwd if name == "selection" and by_key else segment_attention_fwd
-                lse = run(qc, kc, vc, scale, plan, g, acc=acc, first=name == "compression",
-                          out=out[:, hq] if name == last else None)[0]
+                lse = run(qc, kc, vc, scale, plan, g, first=name == "compression", out=out[:, hq])[0]
                 if lse_out is not None and plan.gate >= 0:  # rows without the branch: 0
                     lse_out[:, hq, :, plan.gate] = torch.where(lse.isnan(), 0.0, lse)
                 if name == "compression":
@@ -349,7 +345,6 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
                     if selected_out is not None:
                         ids = branches["selection"][0].selected
                         selected_out[:, h0:h0 + step, :, :ids.shape[-1]] = ids
-        del acc
     if side is not None:
         main.wait_stream(side)  # q, k, v and the tables stay referenced (by the caller, the mask cache) until here
     if _keep is not None:

@@ -145,12 +145,12 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
          PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr, ACC_IN: tl.constexpr,
-         TO_OUT: tl.constexpr, LSE_IN: tl.constexpr):
+         TO_OUT: tl.constexpr, OUT_IN: tl.constexpr, LSE_IN: tl.constexpr):
     """Online-softmax pass of one tile over its key segments; LSE[row] = log-sum-exp (+inf for a row that sees
     nothing: its o is 0). Rows not needed are left untouched.
 
     BWD=False (forward): the row's gate·o, plus ACC[row] when ACC_IN, goes to ACC[row] (fp32), or with TO_OUT to
-    OUT (strides sob, soh, sot; its first dv_out columns, in its dtype). BWD=True (the backward's pass):
+    OUT (strides sob, soh, sot; its first dv_out columns, in its dtype), plus what OUT holds there when OUT_IN. BWD=True (the backward's pass):
     ROWD[row] = Σ_d dO·o and DQ[row] += the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j,
     rowd = Σ_j P_j dp_j and delta = gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
     = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated
@@ -236,15 +236,15 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
     else:
         _write_rows(acc / l_safe[:, None], gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP,
-                    BLOCK_T, DV, GI, ACC_IN, TO_OUT)
+                    BLOCK_T, DV, GI, ACC_IN, TO_OUT, OUT_IN)
 
 
 @triton.jit
 def _write_rows(o, gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_out, G: tl.constexpr,
                 GP: tl.constexpr, BLOCK_T: tl.constexpr, DV: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
-                TO_OUT: tl.constexpr):
+                TO_OUT: tl.constexpr, OUT_IN: tl.constexpr):
     """A branch's rows o [rows, DV] (fp32) into the gated sum: gate·o (+ ACC[row] when ACC_IN) to ACC, or with
-    TO_OUT to OUT in its dtype (its first dv_out columns)."""
+    TO_OUT to OUT in its dtype (its first dv_out columns; + what OUT holds there when OUT_IN)."""
     dv = tl.arange(0, DV)
     if GI >= 0:
         o = o * gate[:, None]
@@ -253,8 +253,10 @@ def _write_rows(o, gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_ou
     if TO_OUT:
         h = hkv * G + tl.arange(0, BLOCK_T * GP) % GP
         out_ptr = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
-        tl.store(out_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty),
-                 mask=valid[:, None] & (dv < dv_out)[None, :])
+        out_ok = valid[:, None] & (dv < dv_out)[None, :]
+        if OUT_IN:
+            o += tl.load(out_ptr[:, None] + dv[None, :], mask=out_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty), mask=out_ok)
     else:
         tl.store(ACC + o_ptr, o, mask=valid[:, None])
 
@@ -515,7 +517,7 @@ def _combine_rows(NEED, Tq, t0, P, G: tl.constexpr, GP: tl.constexpr, HKV: tl.co
 def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, dv_out,
                        G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
                        DV: tl.constexpr, NSLOT: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
-                       TO_OUT: tl.constexpr):
+                       TO_OUT: tl.constexpr, OUT_IN: tl.constexpr):
     """The selection branch's output of a tile of positions t0 + tile·BLOCK_T …: the softmax over the union of its
     segments from the per-segment (log-sum-exp, output) pairs of `_selection_partials` (o = Σ_s e^{lse_s − lse}
     o_s, lse = log Σ_s e^{lse_s}), in slot order (deterministic); LSE[row] = lse (+inf for a row that sees
@@ -547,7 +549,7 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
     if GI >= 0:
         gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
     _write_rows(acc / l_safe[:, None], gate, ACC, OUT, row[:, None] * DV + dv[None, :], b, hkv, t, valid, sob, soh,
-                sot, dv_out, G, GP, BLOCK_T, DV, GI, ACC_IN, TO_OUT)
+                sot, dv_out, G, GP, BLOCK_T, DV, GI, ACC_IN, TO_OUT, OUT_IN)
 
 
 
@@ -773,7 +775,8 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
         acc: fp32 contiguous [B, Hq, Tq, Dv]: the needed rows get ``+= gate·o`` (or ``+= o`` without a gate);
         ``first``: they get ``= gate·o`` (the first branch of those rows: ``acc`` needs no zeroing; no ``acc``
         is needed with ``first`` and ``out``); out: [B, Hq, Tq, Dv'] (Dv' ≤ Dv, last stride 1): the last branch
-        of the needed rows writes their sum there, in out's dtype, instead of into ``acc``;
+        of the needed rows writes their sum there, in out's dtype, instead of into ``acc``; without ``acc`` and
+        ``first``, ``out`` is the accumulator (its rows get ``+= gate·o``, rounded to its dtype);
         grad_out, dq: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
         needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned;
         lse: with grad_out, the forward's log-sum-exp of the branch (fp32 contiguous [B, Hq, Tq]; its rows that
@@ -796,11 +799,13 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
         last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
         cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
     to_out = out is not None and not bwd
+    acc_in = not first and acc is not None
     _fwd[grid](q, k, v, z if acc is None or bwd else acc, out if to_out else z, lse, rowd if bwd else z,
                grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
                tables["segments"], tables["need"], tables["key_valid"], *strides,
                *(out.stride()[:3] if to_out else (0, 0, 0)), *sizes, plan.window, scale,
-               out.shape[-1] if to_out else 0, **meta, BWD=bwd, ACC_IN=not first, TO_OUT=to_out, LSE_IN=lse_in,
+               out.shape[-1] if to_out else 0, **meta, BWD=bwd, ACC_IN=acc_in, TO_OUT=to_out,
+               OUT_IN=to_out and not first and acc is None, LSE_IN=lse_in,
                **_launch_options(q, plan, bwd, meta["GP"]))
     return lse, rowd
 
@@ -1006,7 +1011,7 @@ _fwd_config: dict = {}
 SELECTION_COMBINE_LAUNCH = (32, dict(num_warps=4))
 
 
-def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: bool = False, out=None):
+def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, first: bool = False, out=None):
     """The selection branch's forward (NSA §3.3.2, eq. 5's o_slc) by key segment rather than by query tile: each
     selected block (and chunk of text keys) is loaded once per chunk of positions, and every (position, head) row
     that reads it attends it there (`_selection_partials`), so K/V traffic no longer grows with the top-n count
@@ -1062,8 +1067,9 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc, first: b
             _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
                 o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
                 *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
-                G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, ACC_IN=not first,
-                TO_OUT=out is not None, **combine_options)
+                G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate,
+                ACC_IN=not first and acc is not None, TO_OUT=out is not None,
+                OUT_IN=out is not None and not first and acc is None, **combine_options)
         else:  # every chunk ran
             _fwd_config[shape] = i
             break
