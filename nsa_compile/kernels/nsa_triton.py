@@ -4,8 +4,8 @@ every attention computed by the kernels of `segment_attention`.
 Forward: dense attention for text queries (mode DENSE); for video queries the compression branch (mode COMPRESSED
 over mean-pooled keys, giving the log-sum-exp), the top-n blocks of every position (`select_topn`, from that
 log-sum-exp, in registers), the selection branch (mode SELECTION) and the sliding window (mode WINDOW). Each launch
-adds ``gate · o_branch`` to one fp32 accumulator (NSA eq. 5), so no per-branch output is kept: a row's first branch
-sets it, its last writes the sum to the output. Backward, branch by
+adds ``gate · o_branch`` to the output (NSA eq. 5; a row's first branch sets it), so no per-branch output is kept.
+Backward, branch by
 branch: one pass over the forward's keys recomputes the softmax statistics and the per-row ``Σ dO·o_branch`` (the
 gate gradient) and accumulates dq; a second pass, per key block, accumulates dk and dv. No atomics, so forward and
 backward are bitwise reproducible. Head dims that are not a power of two (80, 96, …) are zero-padded to the next
@@ -185,7 +185,7 @@ def _pad_head_dims(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Ten
     return q, k, v
 
 
-# Tests set this: the forward's output and accumulator start as NaN, so an element that no branch wrote fails.
+# Tests set this: the forward's output starts as NaN, so an element that no branch wrote fails.
 POISON_OUTPUTS = False
 
 
@@ -204,24 +204,26 @@ SELECTION_BY_KEY_MAX_GROUP = 8
 # 262 ms, group 16 (shape B) 302 against 276 (BENCHMARKS.md, sixteenth session); larger groups were not measured.
 SELECTION_BWD_BY_KEY_MAX_GROUP = 16
 
-# The forward's fp32 accumulator is allocated per chunk of KV heads (with their GQA groups) of at most this many
-# bytes, so its peak stays near the output's size at long context; below it, one chunk (fewer, fuller launches).
-ACC_CHUNK_BYTES = 256 << 20
+# The forward runs the video rows' branches per chunk of KV heads (with their GQA groups) of at most this many query
+# rows: the by-key selection keeps its per-segment partials for as many positions of a chunk as fit in
+# `SELECTION_PARTIAL_BYTES`, so at long context one KV head per chunk gives it the longest runs of positions per
+# launch; at short context, one chunk of all heads launches each kernel once.
+KV_HEAD_CHUNK_ROWS = 1 << 19
 
 
-def kv_head_chunks(B: int, Hkv: int, G: int, Tq: int, Dv: int) -> int:
-    """Chunks the forward splits the KV heads in: the smallest divisor c of Hkv with an fp32 accumulator of
-    B·(Hkv/c)·G·Tq·Dv·4 bytes ≤ `ACC_CHUNK_BYTES` (Hkv when none is), so every chunk compiles the same kernels."""
-    per_kv = B * G * Tq * triton.next_power_of_2(Dv) * 4
-    return next((c for c in range(1, Hkv + 1) if Hkv % c == 0 and per_kv * (Hkv // c) <= ACC_CHUNK_BYTES), Hkv)
+def kv_head_chunks(B: int, Hkv: int, G: int, Tq: int) -> int:
+    """Chunks the forward splits the KV heads in: the smallest divisor c of Hkv with B·(Hkv/c)·G·Tq query rows ≤
+    `KV_HEAD_CHUNK_ROWS` (Hkv when none is), so every chunk compiles the same kernels."""
+    return next((c for c in range(1, Hkv + 1) if Hkv % c == 0 and B * G * Tq * (Hkv // c) <= KV_HEAD_CHUNK_ROWS),
+                Hkv)
 
 
 def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int, top_n: int,
                     backward: bool, itemsize: int = 2) -> int:
     """Bytes the Triton path allocates beyond its inputs (and, for the backward, beyond the output gradient) at its
-    peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and its
-    fp32 accumulator over one chunk of KV heads (`kv_head_chunks`) and, for groups up to `SELECTION_BY_KEY_MAX_GROUP`,
-    the selection's position lists and per-segment outputs (`segment_attention.selection_fwd`, at most
+    peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and, for
+    groups up to `SELECTION_BY_KEY_MAX_GROUP`, over one chunk of KV heads (`kv_head_chunks`), the selection's
+    position lists and per-segment outputs (`segment_attention.selection_fwd`, at most
     `SELECTION_PARTIAL_BYTES`), the backward's fp32 dq, dk, dv, the selection's position lists
     (`segment_attention._selection_walk`) or the compression's partial dk/dv
     (`segment_attention.compressed_dkdv_splits`), the top-n ids, softmax statistics and layout tables. An upper
@@ -233,15 +235,14 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     layout = B * Tk * 8 * 12
     if not backward:
         G = Hq // Hkv
-        chunks = kv_head_chunks(B, Hkv, G, Tq, Dv)
-        acc = B * Hq * Tq * Dvp * 4 // chunks
+        chunks = kv_head_chunks(B, Hkv, G, Tq)
         out = B * Hq * Tq * Dv * itemsize
         by_key = 0
         if G <= SELECTION_BY_KEY_MAX_GROUP:  # one chunk of KV heads: entries sorted (ids, keys, int64 order), kept
             entries = B * (Hkv // chunks) * Tq * (top_n + 1)
             partial = min(SELECTION_PARTIAL_BYTES, entries * G * (Dvp * itemsize + 4))
             by_key = max(entries * 20, entries * 8 + partial)
-        return pad + out + acc + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32 + by_key
+        return pad + out + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32 + by_key
     csr = B * Hkv * Tq * (top_n + 1) * 5 * 4  # the selection's position lists: ids, sorted ids, order (int64), pos
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
@@ -286,8 +287,9 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     fp16 / bf16 / fp32, head dims up to 256 (the op sends fp32 above 128 to the reference: `nsa.max_head_dim`).
     An ``attn_mask`` is taken as ``key_valid`` (bool [B|1, Tk], the keys it leaves visible, see
     `nsa.key_padding`); other masks need the reference. The video rows' branches run per chunk of KV heads
-    (`kv_head_chunks`), so the fp32 accumulator of the gated sum never holds all heads at long context; the text
-    rows' dense branch runs once, on CUDA on a side stream beside them (joined before the return).
+    (`kv_head_chunks`), each adding its gated output to ``out`` in out's dtype (fp16 / bf16: two more roundings
+    than one fp32 sum, ~1.5e-3 relative at 32K tokens of shape A); the text rows' dense branch runs once, on CUDA
+    on a side stream beside them (joined before the return).
     ``_keep`` (tests) receives the layout, the video-query flags and ``selected``, the top-n block ids
     int32 [B, Hkv, Tq, n]. ``selected_out`` (int32 [B, Hkv, Tq, top_n], −1 filled by the caller) receives the top-n
     block ids for `nsa_triton_backward`'s ``selected``; ``lse_out`` (fp32 [B, Hq, Tq, 3]) the log-sum-exps of the
@@ -307,7 +309,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
     G = Hq // Hkv
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
                                          window_size, key_valid)
-    step = Hkv // kv_head_chunks(B, Hkv, G, Tq, v.shape[-1])
+    step = Hkv // kv_head_chunks(B, Hkv, G, Tq)
     by_key = G <= SELECTION_BY_KEY_MAX_GROUP
     # Text rows have one branch (dense): it writes them to ``out``, for all heads in one launch. On CUDA that launch
     # runs on a side stream beside the video rows' launches (which write other rows): a prompt after a long video

@@ -14,9 +14,9 @@ Modes (``MODE``):
     3 selection  per position: its top-n blocks and its own block (causally), plus every earlier text key
                  (selection branch, NSA §3.3.2)
 
-Forward (`segment_attention_fwd`) adds ``gate · o`` of each needed row to an fp32 accumulator (so the gated
-combination of NSA eq. 5 needs no per-branch output tensor; a row's first branch sets it, its last writes the sum
-to the output in its dtype), or, in the backward's pass over the same keys, writes
+Forward (`segment_attention_fwd`) adds ``gate · o`` of each needed row to an fp32 accumulator or to the output in
+its dtype (so the gated combination of NSA eq. 5 needs no per-branch output tensor; a row's first branch sets it),
+or, in the backward's pass over the same keys, writes
 the per-row ``Σ_d dO·o`` that both the gate gradient and the softmax backward need and adds the rows' dq. Softmax
 statistics are fp32 whatever the input dtype. `segment_attention_bwd` then adds dk, dv per key segment (each key is
 owned by one program that walks the query tiles reading it; the compression branch's walk is split in chunks summed
@@ -984,8 +984,11 @@ def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int, text_piece: int):
 
 
 # The selection forward by key segment (`selection_fwd`) keeps one (log-sum-exp, output) pair per position, head
-# and segment for a chunk of positions at a time: as many positions as fit in this many bytes.
-SELECTION_PARTIAL_BYTES = 256 << 20
+# and segment for a chunk of positions at a time: as many positions as fit in this many bytes. Longer chunks give
+# each program more readers of its block per launch (H100, shape A at 128K, forward: 640 MiB 69.2 ms against 71.5-72
+# with 256 MiB, twentieth session); the forward's peak there is the output, these partials and ~60 MiB of tables
+# (1591 MiB, against dense attention's 896 plus the output's 896).
+SELECTION_PARTIAL_BYTES = 640 << 20
 # The by-key kernels index in int32 (fewer instructions per step: 1075 → 1017 per warp in the forward's loop,
 # 1266 → 1186 in the backward's, offline sm_90 count) while every offset they compute into their partials,
 # queries, dO, gates and reader lists stays below this; in int64 from it on (`_indices_need_int64`).
@@ -1090,12 +1093,12 @@ def row_dot(a, b):
 
 # The selection backward by key segment (`selection_bwd`) keeps one dq (inputs' dtype) and Σ P·dP (fp32) per
 # position, head and segment for a chunk of positions at a time, as many positions as fit in the size of dO or
-# this many bytes (the forward's `SELECTION_PARTIAL_BYTES`), whichever is larger, so that at long context dense
-# attention's peak plus the outputs bounds the backward's: each chunk re-reads and re-writes the fp32 dk, dv of
+# this many bytes, whichever is larger, so that at long context dense attention's peak plus the outputs bounds the
+# backward's: each chunk re-reads and re-writes the fp32 dk, dv of
 # every block it touches, so larger chunks are faster (H100, 128K, forward+backward: shape A 272 / 262 / 258 ms
 # with 0.5 / 1 / 2 GiB, B 275 / 271 with 1 / 2 GiB; at 8K, A 14.9 ms with 1 GiB, 18.3 with 64 MiB; sixteenth
 # session).
-SELECTION_BWD_PARTIAL_BYTES = SELECTION_PARTIAL_BYTES
+SELECTION_BWD_PARTIAL_BYTES = 256 << 20
 # `_selection_bwd_partials`, fastest first: rows (positions × the group, packed) per step, launch options (H100,
 # 128K, forward+backward, half precision: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either
 # stage; sixteenth session). fp32 starts at 64 rows. The first that fits in shared memory is used, and remembered

@@ -82,9 +82,9 @@ def test_triton_interpreter_against_reference(case, dtype, tol, forward_state):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_forward_writes_every_output_element(case, monkeypatch):
-    """The forward's output and fp32 accumulator are not zeroed: a row's first branch sets the accumulator and its
-    last writes the output (text rows: dense; video rows: compression first, window or selection last). With both
-    started as NaN, any element left unwritten fails the comparison with the reference."""
+    """The forward's output is not zeroed: a row's first branch sets it and the others add to it (text rows: dense;
+    video rows: compression first). Started as NaN, any element left unwritten fails the comparison with the
+    reference."""
     from nsa_compile.kernels import nsa_triton as nt
 
     monkeypatch.setattr(nt, "POISON_OUTPUTS", True)
@@ -99,8 +99,8 @@ def test_forward_writes_every_output_element(case, monkeypatch):
 
 @pytest.mark.parametrize("case", ["B1-HQ4-H4-T56-group1-text-gaps", "B2-HQ6-H2-Tq20-Tk90-cache"])
 def test_forward_in_kv_head_chunks_equals_one_chunk(case, monkeypatch):
-    """At long context the forward runs per chunk of KV heads (its fp32 accumulator bounded by ACC_CHUNK_BYTES):
-    bitwise the output and top-n of one chunk, and as exact against the reference."""
+    """At long context the forward runs per chunk of KV heads (of at most KV_HEAD_CHUNK_ROWS query rows): bitwise
+    the output and top-n of one chunk, and as exact against the reference."""
     from nsa_compile.kernels import nsa_triton as nt
 
     B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
@@ -108,10 +108,10 @@ def test_forward_in_kv_head_chunks_equals_one_chunk(case, monkeypatch):
     vm = spans(B, Tk, ranges)[:, Tk - Tq:]
     params = (0.5 / D ** 0.5, l, d, ls, n, w)
     whole, chunked = {}, {}
-    assert nt.kv_head_chunks(B, Hkv, Hq // Hkv, Tq, D) == 1
+    assert nt.kv_head_chunks(B, Hkv, Hq // Hkv, Tq) == 1
     out = nsa_triton_forward(q, k, v, gates, vm, *params, _keep=whole)
-    monkeypatch.setattr(nt, "ACC_CHUNK_BYTES", 1)  # every KV head its own chunk
-    assert nt.kv_head_chunks(B, Hkv, Hq // Hkv, Tq, D) == Hkv
+    monkeypatch.setattr(nt, "KV_HEAD_CHUNK_ROWS", 1)  # every KV head its own chunk
+    assert nt.kv_head_chunks(B, Hkv, Hq // Hkv, Tq) == Hkv
     out_c = nsa_triton_forward(q, k, v, gates, vm, *params, _keep=chunked)
     assert torch.equal(out, out_c) and torch.equal(whole["selected"], chunked["selected"])
     assert rel(out_c.double(), nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None,
@@ -358,16 +358,18 @@ def test_head_dim_256_with_selection_blocks_of_128_runs_on_gpu():
         check(g_, x.grad, 1e-2, name)
 
 
-def test_forward_memory_estimate_counts_one_accumulator_chunk():
-    """Shape A at 128K: the forward's work memory is the output plus a quarter of the fp32 accumulator (one KV head
-    per chunk) and small tables, i.e. within dense attention's output + output (the issue's memory goal)."""
+def test_forward_memory_estimate_is_the_output_plus_the_selection_partials():
+    """Shape A at 128K: the forward's work memory is the output, the by-key selection's per-segment partials
+    (`SELECTION_PARTIAL_BYTES`) and small tables, i.e. within dense attention's output + output (the issue's memory
+    goal)."""
     from nsa_compile.kernels import nsa_triton as nt
+    from nsa_compile.kernels import segment_attention as sa
 
     B, Hq, Hkv, T, D = 1, 28, 4, 131072, 128
-    assert nt.kv_head_chunks(B, Hkv, Hq // Hkv, T, D) == 4
+    assert nt.kv_head_chunks(B, Hkv, Hq // Hkv, T) == 4
     out_bytes = B * Hq * T * D * 2
     need = nt.memory_estimate(B, Hq, Hkv, T, T, D, D, 32, backward=False)
-    assert out_bytes + B * Hq * T * D * 4 // 4 < need < 2 * out_bytes
+    assert out_bytes + sa.SELECTION_PARTIAL_BYTES < need < 2 * out_bytes
 
 
 GPU_CASES = {
