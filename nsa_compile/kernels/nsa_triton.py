@@ -248,7 +248,7 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
     text = SELECTION_TEXT_PARTIAL_BYTES  # at most: the selection's partial dk/dv of text keys
     if Hq // Hkv <= SELECTION_BWD_BY_KEY_MAX_GROUP:  # the selection by key: per-segment dq, Σ P·dP, flags, delta
-        budget = max(SELECTION_BWD_PARTIAL_BYTES, B * Hq * Tq * Dvp * itemsize)
+        budget = max(SELECTION_BWD_PARTIAL_BYTES, B * Hq * Tq * Dvp * itemsize * 3 // 2)
         csr += min(budget, B * Hq * Tq * (top_n + 2) * (Dp * itemsize + 5)) + rows // 4
     return pad * 2 + grads + rows + sel + layout + text + max(csr, B * Hq * Tq * 3 * 4, partial)
 

@@ -1092,12 +1092,11 @@ def row_dot(a, b):
 
 
 # The selection backward by key segment (`selection_bwd`) keeps one dq (inputs' dtype) and Σ P·dP (fp32) per
-# position, head and segment for a chunk of positions at a time, as many positions as fit in the size of dO or
-# this many bytes, whichever is larger, so that at long context dense attention's peak plus the outputs bounds the
-# backward's: each chunk re-reads and re-writes the fp32 dk, dv of
-# every block it touches, so larger chunks are faster (H100, 128K, forward+backward: shape A 272 / 262 / 258 ms
-# with 0.5 / 1 / 2 GiB, B 275 / 271 with 1 / 2 GiB; at 8K, A 14.9 ms with 1 GiB, 18.3 with 64 MiB; sixteenth
-# session).
+# position, head and segment for a chunk of positions at a time, as many positions as fit in 1.5× the size of dO
+# or this many bytes, whichever is larger: each chunk re-reads and re-writes the fp32 dk, dv of every block it
+# touches, so larger chunks are faster (H100, 128K, forward+backward: shape A 272 / 262 / 258 ms with 0.5 / 1 /
+# 2 GiB, B 275 / 271 with 1 / 2 GiB, sixteenth session; A 189.0 ms with dO's size, 185.5 with 1.5×, twentieth),
+# and at long context the backward's peak stays below dense attention's (A at 128K 5017 against 5660 MiB).
 SELECTION_BWD_PARTIAL_BYTES = 256 << 20
 # `_selection_bwd_partials`, fastest first: rows (positions × the group, packed) per step, launch options (H100,
 # 128K, forward+backward, half precision: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either
@@ -1134,7 +1133,7 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
     tables, Ns, n_txt, nsel = plan.tables(q.device)
     nslot = nsel + 1 + n_txt
     per_position = B * Hkv * G * nslot * (D * q.element_size() + 5)
-    budget = max(SELECTION_BWD_PARTIAL_BYTES, grad_out.numel() * grad_out.element_size())
+    budget = max(SELECTION_BWD_PARTIAL_BYTES, grad_out.numel() * grad_out.element_size() * 3 // 2)
     P = min(Tq, max(BLOCK_T, budget // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
     configs = SELECTION_BWD_CONFIGS[0 if half else 1:]
