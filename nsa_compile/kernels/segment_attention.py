@@ -139,19 +139,18 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
 # a prompt's first tokens before a video) made the selection branch ~13 % slower on an H100 at 128K (23.1 against
 # 20.5 ms per KV head; BENCHMARKS.md, eleventh session).
 @triton.jit(do_not_specialize=["n_txt"])
-def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
+def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
          Tq, Tk, Nk, Ns, n_txt, window, scale, dv_out,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
-         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr, ACC_IN: tl.constexpr,
-         TO_OUT: tl.constexpr, OUT_IN: tl.constexpr, LSE_IN: tl.constexpr):
+         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr, OUT_IN: tl.constexpr,
+         LSE_IN: tl.constexpr):
     """Online-softmax pass of one tile over its key segments; LSE[row] = log-sum-exp (+inf for a row that sees
     nothing: its o is 0). Rows not needed are left untouched.
 
-    BWD=False (forward): the row's gate·o, plus ACC[row] when ACC_IN, goes to ACC[row] (fp32), or with TO_OUT to
-    OUT (strides sob, soh, sot; its first dv_out columns, in its dtype), plus what OUT holds there when OUT_IN. BWD=True (the backward's pass):
-    ROWD[row] = Σ_d dO·o and DQ[row] += the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j,
+    BWD=False (forward): the row's gate·o goes to OUT (strides sob, soh, sot; its first dv_out columns, in its
+    dtype), added to what OUT holds there when OUT_IN. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and DQ[row] += the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j,
     rowd = Σ_j P_j dp_j and delta = gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
     = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated
     online (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp
@@ -235,30 +234,24 @@ def _fwd(Q, K, V, ACC, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED
         dq_ptr = DQ + row[:, None] * D + d[None, :]
         tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
     else:
-        _write_rows(acc / l_safe[:, None], gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP,
-                    BLOCK_T, DV, GI, ACC_IN, TO_OUT, OUT_IN)
+        _write_rows(acc / l_safe[:, None], gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV,
+                    GI, OUT_IN)
 
 
 @triton.jit
-def _write_rows(o, gate, ACC, OUT, o_ptr, b, hkv, t, valid, sob, soh, sot, dv_out, G: tl.constexpr,
-                GP: tl.constexpr, BLOCK_T: tl.constexpr, DV: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
-                TO_OUT: tl.constexpr, OUT_IN: tl.constexpr):
-    """A branch's rows o [rows, DV] (fp32) into the gated sum: gate·o (+ ACC[row] when ACC_IN) to ACC, or with
-    TO_OUT to OUT in its dtype (its first dv_out columns; + what OUT holds there when OUT_IN)."""
+def _write_rows(o, gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G: tl.constexpr, GP: tl.constexpr,
+                BLOCK_T: tl.constexpr, DV: tl.constexpr, GI: tl.constexpr, OUT_IN: tl.constexpr):
+    """A branch's rows o [rows, DV] (fp32) into the gated sum (NSA eq. 5): gate·o, plus what OUT holds there when
+    OUT_IN, to OUT in its dtype (its first dv_out columns)."""
     dv = tl.arange(0, DV)
     if GI >= 0:
         o = o * gate[:, None]
-    if ACC_IN:
-        o += tl.load(ACC + o_ptr, mask=valid[:, None], other=0.0)
-    if TO_OUT:
-        h = hkv * G + tl.arange(0, BLOCK_T * GP) % GP
-        out_ptr = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
-        out_ok = valid[:, None] & (dv < dv_out)[None, :]
-        if OUT_IN:
-            o += tl.load(out_ptr[:, None] + dv[None, :], mask=out_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty), mask=out_ok)
-    else:
-        tl.store(ACC + o_ptr, o, mask=valid[:, None])
+    h = hkv * G + tl.arange(0, BLOCK_T * GP) % GP
+    out_ptr = OUT + b.to(tl.int64) * sob + h.to(tl.int64) * soh + t.to(tl.int64) * sot
+    out_ok = valid[:, None] & (dv < dv_out)[None, :]
+    if OUT_IN:
+        o += tl.load(out_ptr[:, None] + dv[None, :], mask=out_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -514,14 +507,13 @@ def _combine_rows(NEED, Tq, t0, P, G: tl.constexpr, GP: tl.constexpr, HKV: tl.co
 
 
 @triton.jit
-def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, dv_out,
+def _selection_combine(OP, LP, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, dv_out,
                        G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr,
-                       DV: tl.constexpr, NSLOT: tl.constexpr, GI: tl.constexpr, ACC_IN: tl.constexpr,
-                       TO_OUT: tl.constexpr, OUT_IN: tl.constexpr):
+                       DV: tl.constexpr, NSLOT: tl.constexpr, GI: tl.constexpr, OUT_IN: tl.constexpr):
     """The selection branch's output of a tile of positions t0 + tile·BLOCK_T …: the softmax over the union of its
     segments from the per-segment (log-sum-exp, output) pairs of `_selection_partials` (o = Σ_s e^{lse_s − lse}
     o_s, lse = log Σ_s e^{lse_s}), in slot order (deterministic); LSE[row] = lse (+inf for a row that sees
-    nothing), and the gated output goes to ACC or OUT as in `_fwd`."""
+    nothing), and the gated output goes to OUT as in `_fwd`."""
     b, hkv, g, t, valid, base = _combine_rows(NEED, Tq, t0, P, G, GP, HKV, BLOCK_T, NSLOT)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
         return
@@ -548,8 +540,8 @@ def _selection_combine(OP, LP, ACC, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0,
     gate = 1.0
     if GI >= 0:
         gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
-    _write_rows(acc / l_safe[:, None], gate, ACC, OUT, row[:, None] * DV + dv[None, :], b, hkv, t, valid, sob, soh,
-                sot, dv_out, G, GP, BLOCK_T, DV, GI, ACC_IN, TO_OUT, OUT_IN)
+    _write_rows(acc / l_safe[:, None], gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV, GI,
+                OUT_IN)
 
 
 
@@ -765,19 +757,17 @@ def _launch_options(q, plan: SegmentPlan, bwd: bool, gp: int) -> dict:
     return dict(num_warps=8 if plan.mode == WINDOW else 4, num_stages=1 if q.dtype == torch.float32 else 2)
 
 
-def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, grad_out=None, dq=None,
-                          first: bool = False, out=None, lse=None):
+def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=None, first: bool = False,
+                          grad_out=None, dq=None, lse=None):
     """One branch's forward, or the backward's pass over the same keys.
 
     Args:
         q [B, Hq, Tq, D]; k [B, Hkv, Nk, D]; v [B, Hkv, Nk, Dv] (Nk = Tk, or the compressed count in COMPRESSED
         mode), fp16 / bf16 / fp32; gates: fp32 contiguous [B, Hq, Tq, 3];
-        acc: fp32 contiguous [B, Hq, Tq, Dv]: the needed rows get ``+= gate·o`` (or ``+= o`` without a gate);
-        ``first``: they get ``= gate·o`` (the first branch of those rows: ``acc`` needs no zeroing; no ``acc``
-        is needed with ``first`` and ``out``); out: [B, Hq, Tq, Dv'] (Dv' ≤ Dv, last stride 1): the last branch
-        of the needed rows writes their sum there, in out's dtype, instead of into ``acc``; without ``acc`` and
-        ``first``, ``out`` is the accumulator (its rows get ``+= gate·o``, rounded to its dtype);
-        grad_out, dq: instead of ``acc``, contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
+        out: (forward) [B, Hq, Tq, Dv'] (Dv' ≤ Dv, last stride 1): the needed rows get ``+= gate·o`` (or ``+= o``
+        without a gate) in out's dtype; ``first``: they get ``= gate·o`` (the first branch of those rows: ``out``
+        needs no zeroing);
+        grad_out, dq: (the backward's pass) contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
         needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned;
         lse: with grad_out, the forward's log-sum-exp of the branch (fp32 contiguous [B, Hq, Tq]; its rows that
         need the branch are read): the pass takes P from it, with no running maximum to rescale by.
@@ -798,14 +788,11 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=N
         last = (torch.arange(1, grid[0] + 1, device=q.device, dtype=torch.int32) * meta["BLOCK_T"]).clamp(max=Tq)
         last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
         cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
-    to_out = out is not None and not bwd
-    acc_in = not first and acc is not None
-    _fwd[grid](q, k, v, z if acc is None or bwd else acc, out if to_out else z, lse, rowd if bwd else z,
+    _fwd[grid](q, k, v, z if bwd else out, lse, rowd if bwd else z,
                grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
                tables["segments"], tables["need"], tables["key_valid"], *strides,
-               *(out.stride()[:3] if to_out else (0, 0, 0)), *sizes, plan.window, scale,
-               out.shape[-1] if to_out else 0, **meta, BWD=bwd, ACC_IN=acc_in, TO_OUT=to_out,
-               OUT_IN=to_out and not first and acc is None, LSE_IN=lse_in,
+               *((0, 0, 0) if bwd else out.stride()[:3]), *sizes, plan.window, scale, 0 if bwd else out.shape[-1],
+               **meta, BWD=bwd, OUT_IN=not (bwd or first), LSE_IN=lse_in,
                **_launch_options(q, plan, bwd, meta["GP"]))
     return lse, rowd
 
@@ -1014,12 +1001,12 @@ _fwd_config: dict = {}
 SELECTION_COMBINE_LAUNCH = (32, dict(num_warps=4))
 
 
-def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, first: bool = False, out=None):
+def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out, first: bool = False):
     """The selection branch's forward (NSA §3.3.2, eq. 5's o_slc) by key segment rather than by query tile: each
     selected block (and chunk of text keys) is loaded once per chunk of positions, and every (position, head) row
     that reads it attends it there (`_selection_partials`), so K/V traffic no longer grows with the top-n count
     per position; `_selection_combine` then merges each row's segments (one softmax over their union) and adds
-    gate·o_slc as `segment_attention_fwd` does (``acc``, ``first``, ``out`` as there). The per-segment outputs are
+    gate·o_slc as `segment_attention_fwd` does (``out``, ``first`` as there). The per-segment outputs are
     kept in the inputs' dtype (fp16 / bf16: one more rounding of o_slc, ~2⁻⁹ relative).
 
     Args: as `segment_attention_fwd`; ``plan`` a SELECTION plan with ``selected`` filled (`select_topn`).
@@ -1038,7 +1025,6 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, fir
     configs = SELECTION_FWD_CONFIGS[0 if half else 1:]
     shape = (q.dtype, D, Dv, plan.block_n, G)
     lse = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device)
-    z = torch.zeros(1, dtype=torch.float32, device=q.device)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3])
     o_part = None
     for i in range(_fwd_config.get(shape, 0), len(configs)):
@@ -1068,11 +1054,9 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, acc=None, fir
                     raise
                 break
             _selection_combine[(triton.cdiv(min(P, Tq - t0), BLOCK_T), B * Hkv)](
-                o_part, lse_part, z if acc is None else acc, z if out is None else out, lse, gates, tables["need"],
-                *(out.stride()[:3] if out is not None else (0, 0, 0)), Tq, t0, P, 0 if out is None else out.shape[-1],
-                G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate,
-                ACC_IN=not first and acc is not None, TO_OUT=out is not None,
-                OUT_IN=out is not None and not first and acc is None, **combine_options)
+                o_part, lse_part, out, lse, gates, tables["need"], *out.stride()[:3], Tq, t0, P, out.shape[-1],
+                G=G, GP=GP, HKV=Hkv, DV=Dv, BLOCK_T=BLOCK_T, NSLOT=nslot, GI=plan.gate, OUT_IN=not first,
+                **combine_options)
         else:  # every chunk ran
             _fwd_config[shape] = i
             break
