@@ -14,9 +14,9 @@ Modes (``MODE``):
     3 selection  per position: its top-n blocks and its own block (causally), plus every earlier text key
                  (selection branch, NSA §3.3.2)
 
-Forward (`segment_attention_fwd`) adds ``gate · o`` of each needed row to an fp32 accumulator or to the output in
-its dtype (so the gated combination of NSA eq. 5 needs no per-branch output tensor; a row's first branch sets it),
-or, in the backward's pass over the same keys, writes
+Forward (`segment_attention_fwd`) adds ``gate · o`` of each needed row to the output in its dtype (so the gated
+combination of NSA eq. 5 needs no per-branch output tensor; a row's first branch sets it), or, in the backward's
+pass over the same keys, writes
 the per-row ``Σ_d dO·o`` that both the gate gradient and the softmax backward need and adds the rows' dq. Softmax
 statistics are fp32 whatever the input dtype. `segment_attention_bwd` then adds dk, dv per key segment (each key is
 owned by one program that walks the query tiles reading it; the compression branch's walk is split in chunks summed
@@ -150,13 +150,14 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
     nothing: its o is 0). Rows not needed are left untouched.
 
     BWD=False (forward): the row's gate·o goes to OUT (strides sob, soh, sot; its first dv_out columns, in its
-    dtype), added to what OUT holds there when OUT_IN. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and DQ[row] += the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j,
-    rowd = Σ_j P_j dp_j and delta = gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
-    = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated
-    online (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp
-    over the row's first visible segment, so the bf16-rounded terms P_j (dp_j − c) are small like the usual
-    P_j (dp_j − delta). LSE_IN (backward only): LSE holds the forward's log-sum-exp, read instead of written, and
-    P_j = exp(s_j − lse) directly: no running maximum, nothing rescaled per step (FlashAttention-2's backward)."""
+    dtype), added to what OUT holds there when OUT_IN. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and
+    DQ[row] += the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta =
+    gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
+    = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated online
+    (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp over the
+    row's first visible segment, so the bf16-rounded terms P_j (dp_j − c) are small like the usual P_j (dp_j −
+    delta). LSE_IN (backward only): LSE holds the forward's log-sum-exp, read instead of written, and P_j = exp(s_j
+    − lse) directly: no running maximum, nothing rescaled per step (FlashAttention-2's backward)."""
     tile = tl.program_id(0)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
                                                BLOCK_T, D, 1)
