@@ -25,9 +25,9 @@ from torch import Tensor
 from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
 from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
-                                SELECTION_BWD_PARTIAL_BYTES, SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan,
-                                TopnGeometry, row_dot, segment_attention_bwd, segment_attention_fwd, select_topn,
-                                selection_bwd, selection_fwd, topn_geometry)
+                                SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan, TopnGeometry, row_dot,
+                                segment_attention_bwd, segment_attention_fwd, select_topn, selection_bwd,
+                                selection_bwd_partial_bytes, selection_fwd, topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 BACKWARD_ORDER_BY_KEY = ("dense", "compression", "window", "selection")  # selection's delta needs the others'
@@ -248,7 +248,7 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most
     text = SELECTION_TEXT_PARTIAL_BYTES  # at most: the selection's partial dk/dv of text keys
     if Hq // Hkv <= SELECTION_BWD_BY_KEY_MAX_GROUP:  # the selection by key: per-segment dq, Σ P·dP, flags, delta
-        budget = max(SELECTION_BWD_PARTIAL_BYTES, B * Hq * Tq * Dvp * itemsize * 3 // 2)
+        budget = selection_bwd_partial_bytes(B * Hq * Tq * Dvp * itemsize)
         csr += min(budget, B * Hq * Tq * (top_n + 2) * (Dp * itemsize + 5)) + rows // 4
     return pad * 2 + grads + rows + sel + layout + text + max(csr, B * Hq * Tq * 3 * 4, partial)
 

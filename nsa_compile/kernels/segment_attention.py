@@ -1083,6 +1083,12 @@ def row_dot(a, b):
 # 2 GiB, B 275 / 271 with 1 / 2 GiB, sixteenth session; A 189.0 ms with dO's size, 185.5 with 1.5×, twentieth),
 # and at long context the backward's peak stays below dense attention's (A at 128K 5017 against 5660 MiB).
 SELECTION_BWD_PARTIAL_BYTES = 256 << 20
+
+
+def selection_bwd_partial_bytes(grad_out_bytes: int) -> int:
+    """Bytes of per-segment partials `selection_bwd` keeps per chunk of positions, for a dO of ``grad_out_bytes``
+    (the rule above; `nsa_triton.memory_estimate` counts the same)."""
+    return max(SELECTION_BWD_PARTIAL_BYTES, grad_out_bytes * 3 // 2)
 # `_selection_bwd_partials`, fastest first: rows (positions × the group, packed) per step, launch options (H100,
 # 128K, forward+backward, half precision: A 240 ms with one stage, 261 with two, 328 with 64 rows; B 275 either
 # stage; sixteenth session). fp32 starts at 64 rows. The first that fits in shared memory is used, and remembered
@@ -1118,7 +1124,7 @@ def selection_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: Segm
     tables, Ns, n_txt, nsel = plan.tables(q.device)
     nslot = nsel + 1 + n_txt
     per_position = B * Hkv * G * nslot * (D * q.element_size() + 5)
-    budget = max(SELECTION_BWD_PARTIAL_BYTES, grad_out.numel() * grad_out.element_size() * 3 // 2)
+    budget = selection_bwd_partial_bytes(grad_out.numel() * grad_out.element_size())
     P = min(Tq, max(BLOCK_T, budget // per_position // BLOCK_T * BLOCK_T))
     half = q.dtype != torch.float32
     configs = SELECTION_BWD_CONFIGS[0 if half else 1:]

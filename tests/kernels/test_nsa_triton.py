@@ -748,7 +748,7 @@ def test_selection_dkdv_of_text_keys_in_pieces_equals_the_reference(monkeypatch)
 @pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
 def test_selection_backward_by_key_runs_in_position_chunks(case, monkeypatch):
     """With the forward's state the selection backward runs by key segment (`selection_bwd`), one chunk of
-    positions at a time (as many as fit in the size of dO, or `SELECTION_BWD_PARTIAL_BYTES` when larger; text
+    positions at a time (as many as fit in 1.5× the size of dO, or `SELECTION_BWD_PARTIAL_BYTES` when larger; text
     chunks' readers in pieces summed over the chunks): with several chunks, and with one, every gradient equals the
     fp64 reference's (fp32, 1e-5)."""
     from nsa_compile.kernels import segment_attention as sa
