@@ -135,6 +135,25 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
     return m & c_ok[None, :]
 
 
+@triton.jit
+def _segment_masked(MODE: tl.constexpr, start, Nk, p_first, p_last, window, KEND, kend_base,
+                    BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """Whether rows at positions p_first … p_last need `_visible`'s mask on the keys start … start+BLOCK_N−1 of a
+    contiguous segment (DENSE, WINDOW, COMPRESSED modes): not when every key exists and every row sees it, as for
+    all but the last compressed segments of a tile and the inner ones of its window (FlashAttention's unmasked
+    blocks). Rows not needed take no mask: their q is 0, their output unstored, their backward terms 0."""
+    c_hi = start + BLOCK_N - 1
+    if MODE == 3 or (HAS_KMASK and MODE != 2):
+        return c_hi >= 0
+    elif MODE == 0:
+        return (c_hi >= Nk) | (c_hi > p_first)
+    elif MODE == 1:
+        return (c_hi >= Nk) | (c_hi > p_first) | (start <= p_last - window)
+    else:
+        end = tl.load(KEND + kend_base + c_hi, mask=c_hi < Nk, other=2147483647)
+        return end > p_first
+
+
 # n_txt is not specialised: Triton's specialisation of an integer argument equal to 1 (one chunk of text keys, e.g.
 # a prompt's first tokens before a video) made the selection branch ~13 % slower on an H100 at 128K (23.1 against
 # 20.5 ms per KV head; BENCHMARKS.md, eleventh session).
@@ -182,16 +201,20 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
     if LSE_IN:  # the forward's log-sum-exp: P directly, no running max, nothing to rescale
         lse2 = tl.load(LSE + row, mask=valid, other=float("inf")) * LOG2E
     n = tl.arange(0, BLOCK_N)
+    p_first = Tk - Tq + tile * BLOCK_T
     for i in range(0, n_seg):  # no branch on empty segments (their loads are masked): the loop can pipeline
         start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N, NSEL)
         c = start + n
         c_ok = (n < length) & (c < Nk)
         k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
-        vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
-                       b.to(tl.int64) * Tk, HAS_KMASK)
+        masked = _segment_masked(MODE, start, Nk, p_first, p_first + BLOCK_T - 1, window, KEND, b.to(tl.int64) * Nk,
+                                 BLOCK_N, HAS_KMASK)
         if LSE_IN:
-            e = tl.where(vis, tl.math.exp2(s * (scale * LOG2E) - lse2[:, None]), 0.0)
+            e = tl.math.exp2(s * (scale * LOG2E) - lse2[:, None])
+            if masked:
+                e = tl.where(_visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                                      b.to(tl.int64) * Tk, HAS_KMASK), e, 0.0)
             e_sum = tl.sum(e, axis=1)
             v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -202,7 +225,9 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
             a2 += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
             l_i += e_sum
         else:
-            s = tl.where(vis, s, float("-inf"))
+            if masked:
+                s = tl.where(_visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                                      b.to(tl.int64) * Tk, HAS_KMASK), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1) * (scale * LOG2E))  # log2 units: exp2, no range fix-up
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             e = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
@@ -344,16 +369,22 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
         do = tl.load(DO + row[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
         lse = tl.load(LSE + row, mask=valid, other=float("inf"))
         delta = tl.load(DELTA + row, mask=valid, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
+        pr = tl.math.exp2(s - (lse * LOG2E)[:, None])  # 0 on rows not valid (q 0, log-sum-exp +inf)
         if MODE == 3:  # every listed position reads the block (causally); text: every later position
             vis = (c.to(tl.int32)[None, :] <= p[:, None]) & c_ok[None, :]
             if HAS_KMASK:
                 vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
-        else:
+            pr = tl.where(vis & valid[:, None], pr, 0.0)
+        elif MODE == 0:
             vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
                            b.to(tl.int64) * Tk, HAS_KMASK)
-        vis = vis & valid[:, None]
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
-        pr = tl.where(vis, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+            pr = tl.where(vis & valid[:, None], pr, 0.0)
+        elif _segment_masked(MODE, start, Nk, off + i * BLOCK_T, off + (i + RT) * BLOCK_T - 1, window, KEND,
+                             b.to(tl.int64) * Nk, BLOCK_N, HAS_KMASK):  # contiguous tiles i … i+RT−1
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
+                           b.to(tl.int64) * Tk, HAS_KMASK)
+            pr = tl.where(vis & valid[:, None], pr, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         if GI >= 0:  # dS = P (gate·dP − delta), dv += (gate·P)ᵀ dO
             gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
@@ -404,22 +435,25 @@ def _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt,
 def _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G: tl.constexpr, ROWS: tl.constexpr,
                     NSEL: tl.constexpr, IDX64: tl.constexpr):
     """The rows r = position·G + head of one step of a by-key selection launch, from reader entry i on: each row's
-    position t, slot (its top-n rank, NSEL for its own block, NSEL+1+txt for a text chunk) and validity. A
-    selection block's readers are entries of LIST (t·(NSEL+1) + slot; `_selection_lists` leaves out positions that
-    do not need the branch), a text chunk's the positions i … e_hi−1 that need it."""
+    position t, slot (its top-n rank, NSEL for its own block, NSEL+1+txt for a text chunk) and validity, and the
+    step's first position (the smallest: entries ascend by position). A selection block's readers are entries of
+    LIST (t·(NSEL+1) + slot; `_selection_lists` leaves out positions that do not need the branch), a text chunk's
+    the positions i … e_hi−1 that need it."""
     r = tl.arange(0, ROWS)
     e = i + r // G
     ok = (e < e_hi) & (r < ROWS // G * G)
     if kid < Ns:
-        f = tl.load(LIST + (bh.to(tl.int64) if IDX64 else bh) * n_list + e, mask=ok, other=0).to(tl.uint32,
-                                                                                                bitcast=True)
+        lst = LIST + (bh.to(tl.int64) if IDX64 else bh) * n_list
+        f = tl.load(lst + e, mask=ok, other=0).to(tl.uint32, bitcast=True)
         t = (f // (NSEL + 1)).to(tl.int32, bitcast=True)  # unsigned: no sign fix-up after the multiply-high
         slot = (f % (NSEL + 1)).to(tl.int32, bitcast=True)
+        t_first = (tl.load(lst + i).to(tl.uint32, bitcast=True) // (NSEL + 1)).to(tl.int32, bitcast=True)
     else:
         t = e
         slot = e * 0 + (NSEL + 1 + txt)
         ok = ok & (tl.load(NEED + b * Tq + t, mask=ok, other=0) != 0)
-    return t, slot, ok
+        t_first = i
+    return t, slot, ok, t_first
 
 
 @triton.jit
@@ -430,6 +464,17 @@ def _slot_index(bh, t, t0, P, slot, g, G: tl.constexpr, NSLOT: tl.constexpr, IDX
     if IDX64:
         base = bh.to(tl.int64)
     return ((base * P + (t - t0)) * NSLOT + slot) * G + g
+
+
+@triton.jit
+def _step_masked(p_first, last, c_top, HAS_KMASK: tl.constexpr):
+    """Whether a by-key step needs its [rows, keys] mask: not when the segment is full (``last`` = ``c_top``) and its
+    first position ``p_first`` (the step's smallest) sees all of it, so every row sees every key (the selected
+    blocks of positions past them: all steps but those of a block's own positions). Rows not read need no mask:
+    the forward does not store them, and the backward's are zero (q, dO, gate 0, log-sum-exp +inf)."""
+    if HAS_KMASK:
+        return c_top >= 0
+    return tl.minimum(p_first, last) < c_top
 
 
 @triton.jit
@@ -463,19 +508,22 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     RT: tl.constexpr = ROWS // G
     c32 = c.to(tl.int32)  # positions < 2³¹: int32 compares in the loop (one instruction each, not two)
     last = tl.max(tl.where(key_ok, c32, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
+    c_top = tl.max(c32, axis=0)  # = last when the segment is full
     r = tl.arange(0, ROWS)
     g = r % G
     h = hkv * G + g
     for i in range(e_lo, e_hi, RT):
-        t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL, IDX64)
+        t, slot, ok, t_first = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL,
+                                               IDX64)
         bw = b.to(tl.int64) if IDX64 else b  # int32 offsets below 2³¹ elements: fewer instructions per row
         q_ptr = Q + bw * sqb + h * sqh + tl.where(ok, t, 0) * sqt  # rows not read: position 0, their scores unseen
         q = tl.load(q_ptr[:, None] + d[None, :])
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
-        vis = c32[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
-        if HAS_KMASK:
-            vis = vis & c_ok[None, :]
-        s = tl.where(vis, s, float("-inf"))
+        if _step_masked(Tk - Tq + t_first, last, c_top, HAS_KMASK):
+            vis = c32[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
+            if HAS_KMASK:
+                vis = vis & c_ok[None, :]
+            s = tl.where(vis, s, float("-inf"))
         m = tl.max(s, axis=1)
         m_safe = tl.where(m == float("-inf"), 0.0, m) * (scale * LOG2E)  # log2 units
         ex = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
@@ -580,10 +628,12 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
     h = hkv * G + g
     c32 = c.to(tl.int32)  # positions < 2³¹: int32 compares in the loop (one instruction each, not two)
     last = tl.max(tl.where(key_ok, c32, -1), axis=0)  # the segment's last key (its keys are c ≤ last)
+    c_top = tl.max(c32, axis=0)  # = last when the segment is full
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     for i in range(e_lo, e_hi, RT):
-        t, slot, ok = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL, IDX64)
+        t, slot, ok, t_first = _by_key_readers(LIST, NEED, i, e_hi, kid, bh, b, Tq, Ns, n_list, txt, G, ROWS, NSEL,
+                                               IDX64)
         bw = b.to(tl.int64) if IDX64 else b  # int32 offsets below 2³¹ elements: fewer instructions per row
         q = tl.load((Q + bw * sqb + h * sqh + t * sqt)[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         row = (bw * (HKV * G) + h) * Tq + t
@@ -592,10 +642,12 @@ def _selection_bwd_partials(Q, K, V, DO, GATE, LSE, DELTA, DQP, RDP, SEEN, DK, D
         delta = tl.load(DELTA + row, mask=ok, other=0.0)
         gate = tl.load(GATE + row * 3 + 1, mask=ok, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
-        vis = c32[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
-        if HAS_KMASK:
-            vis = vis & c_ok[None, :]
-        pr = tl.where(vis, tl.math.exp2(s - (lse * LOG2E)[:, None]), 0.0)
+        pr = tl.math.exp2(s - (lse * LOG2E)[:, None])
+        if _step_masked(Tk - Tq + t_first, last, c_top, HAS_KMASK):
+            vis = c32[None, :] <= tl.where(ok, tl.minimum(Tk - Tq + t, last), -1)[:, None]  # causal, in the segment
+            if HAS_KMASK:
+                vis = vis & c_ok[None, :]
+            pr = tl.where(vis, pr, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         idx = _slot_index(bh, t, t0, P, slot, g, G, NSLOT, IDX64)
         tl.store(RDP + idx, tl.sum(pr * dp, axis=1), mask=ok)
@@ -1234,9 +1286,12 @@ def _topn(Q, KC, LSE, KEND, FIRST, WIDTH, NCAND, NEED, OUT, sqb, sqh, sqt, skb, 
             c_ok = (w < width) & (c < Nc)
             kc = tl.load(k_base + c[:, None].to(tl.int64) * skt + d[None, :], mask=c_ok[:, None], other=0.0)
             s = tl.dot(q, tl.trans(kc), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
-            end = tl.load(KEND + b.to(tl.int64) * Nc + c, mask=c_ok, other=2147483647)
-            vis = (end[None, :] <= p[:, None]) & c_ok[None, :] & valid[:, None]
-            pr = tl.where(vis, tl.math.exp2(s - lse2[:, None]), 0.0)
+            # rows not needed (and a group's padding rows) add 0: their q is 0 and their log-sum-exp +inf
+            pr = tl.math.exp2(s - lse2[:, None])
+            if not IDENTITY:  # a compression block overlapping a candidate may end after the position
+                end = tl.load(KEND + b.to(tl.int64) * Nc + c, mask=c_ok, other=2147483647)
+                pr = tl.where(end[None, :] <= p[:, None], pr, 0.0)
+            # (with IDENTITY, every candidate block ends before the position; others get key −1 below)
             score += tl.sum(tl.reshape(pr, (BLOCK_T, GP, BLOCK_S)), axis=1)
         key = ((tl.maximum(score, 0.0).to(tl.int32, bitcast=True) >> ID_BITS) << ID_BITS) + (low - j)[None, :]
         key = tl.where(j[None, :] < ncand[:, None], key, -1)

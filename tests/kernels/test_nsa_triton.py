@@ -21,6 +21,10 @@ CASES = {
     "B1-HQ4-H2-T40-no-video": (1, 4, 2, 40, 40, 16, [[]], (16, 16, 16, 2, 16)),
     "B1-HQ4-H2-T60-D24-padded-head-dim": (1, 4, 2, 60, 60, 24, [[(4, 60)]], (8, 8, 8, 2, 12)),
     "B1-HQ8-H2-T48-no-window": (1, 8, 2, 48, 48, 16, [[(6, 48)]], (8, 8, 8, 2, 0)),  # selection writes the output
+    # long enough for key segments (64 keys; 16 for the selection) that every row of a tile sees whole, which the
+    # kernels run without a mask: compressed keys 0-63 for the tiles (32 positions in fp32) from position 256, the
+    # middle two of a tile's four window segments, the text rows' first 256 keys, a selection block's later readers
+    "B1-HQ2-H1-T320-unmasked-segments": (1, 2, 1, 320, 320, 16, [[(0, 300)]], (4, 4, 16, 4, 192)),
 }
 
 
