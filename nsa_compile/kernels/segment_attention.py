@@ -296,6 +296,55 @@ def _segment_kv(K, V, b, hkv, start, length, Nk, skb, skh, skt, svb, svh, svt, B
 
 
 @triton.jit
+def _dkdv_step(dk, dvv, i, k, v, c, c_ok, Q, DO, GATE, LSE, DELTA, KEND, KVALID, POS, NEED, kid, bh, b, t_hi,
+               n_tiles, n_pos, Ns, sqb, sqh, sqt, Tq, Tk, Nk, window, scale, step, G: tl.constexpr,
+               GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+               GI: tl.constexpr, MODE: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr,
+               RT: tl.constexpr, MASKED: tl.constexpr):
+    """One step of `_bwd_dkdv`: dk, dv of its key segment plus the terms of the query rows of tiles i … i+RT−1
+    (by list in DENSE and SELECTION modes). MASKED=False: every row sees every key (no [rows, keys] mask; rows not
+    valid add 0: their q and dO are 0, their log-sum-exp +inf)."""
+    dv = tl.arange(0, DV)
+    e = i + step
+    if MODE == 3:
+        listed = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < tl.where(kid < Ns, t_hi, 0), other=n_tiles)
+        tile = tl.where(kid < Ns, listed, tl.where(e < t_hi, e, n_tiles))
+    elif MODE == 0:
+        tile = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < t_hi, other=n_tiles)
+    else:
+        tile = tl.where(e < t_hi, e, n_tiles)
+    _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D, RT)
+    # no branch on steps without valid rows (their loads are masked, their P is 0): the loop can pipeline
+    # dO as loaded: the gate scales the [rows, BLOCK_N] products below, not dO's [rows, DV] (one multiply per
+    # score instead of a conversion, a multiply and a rounding per dO element)
+    do = tl.load(DO + row[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
+    lse = tl.load(LSE + row, mask=valid, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=valid, other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
+    pr = tl.math.exp2(s - (lse * LOG2E)[:, None])
+    if MASKED:
+        if MODE == 3:  # every listed position reads the block (causally); text: every later position
+            vis = (c.to(tl.int32)[None, :] <= p[:, None]) & c_ok[None, :]
+            if HAS_KMASK:
+                vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
+        else:
+            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
+                           b.to(tl.int64) * Tk, HAS_KMASK)
+        pr = tl.where(vis & valid[:, None], pr, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    if GI >= 0:  # dS = P (gate·dP − delta), dv += (gate·P)ᵀ dO
+        gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
+        ds = pr * (gate[:, None] * dp - delta[:, None])
+        pv = pr * gate[:, None]
+    else:
+        ds = pr * (dp - delta[:, None])
+        pv = pr
+    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    dvv += tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision=PRECISION)
+    return dk, dvv
+
+
+@triton.jit
 def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, NEED, KVALID, WALK, POS, TDK, TDV,
               sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
               Tq, Tk, Nk, Ns, n_txt, n_pieces, n_tiles, n_pos, window, scale, split,
@@ -352,49 +401,34 @@ def _bwd_dkdv(Q, K, V, DO, GATE, LSE, DELTA, DK, DV_, KEND, TXT, BSTART, BLEN, N
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dvv = tl.zeros([BLOCK_N, DV], tl.float32)
     step = tl.arange(0, RT * BLOCK_T * GP) // (BLOCK_T * GP)  # each row's tile among the RT of a step
-    for i in range(t_lo, t_hi, RT):
-        e = i + step
-        if MODE == 3:
-            listed = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < tl.where(kid < Ns, t_hi, 0), other=n_tiles)
-            tile = tl.where(kid < Ns, listed, tl.where(e < t_hi, e, n_tiles))
-        elif MODE == 0:
-            tile = tl.load(POS + bh.to(tl.int64) * n_pos + e, mask=e < t_hi, other=n_tiles)
+    i_a = t_hi  # steps i < i_a (and i ≥ i_b) take the mask; i_a ≤ i < i_b none: their rows see every key
+    i_b = t_hi
+    if (MODE == 1 and not HAS_KMASK) or MODE == 2:
+        full = start + BLOCK_N <= Nk
+        if MODE == 2:  # the segment's last key's block end (keys ascend)
+            c_end = tl.load(KEND + b.to(tl.int64) * Nk + start + BLOCK_N - 1, mask=full, other=0).to(tl.int64)
         else:
-            tile = tl.where(e < t_hi, e, n_tiles)
-        _, _, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G, GP, HKV, BLOCK_T, D,
-                                                 RT)
-        # no branch on steps without valid rows (their loads are masked, their P is 0): the loop can pipeline
-        # dO as loaded: the gate scales the [rows, BLOCK_N] products below, not dO's [rows, DV] (one multiply per
-        # score instead of a conversion, a multiply and a rounding per dO element)
-        do = tl.load(DO + row[:, None] * DV + dv[None, :], mask=valid[:, None], other=0.0).to(Q.dtype.element_ty)
-        lse = tl.load(LSE + row, mask=valid, other=float("inf"))
-        delta = tl.load(DELTA + row, mask=valid, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * LOG2E)  # log2 units
-        pr = tl.math.exp2(s - (lse * LOG2E)[:, None])  # 0 on rows not valid (q 0, log-sum-exp +inf)
-        if MODE == 3:  # every listed position reads the block (causally); text: every later position
-            vis = (c.to(tl.int32)[None, :] <= p[:, None]) & c_ok[None, :]
-            if HAS_KMASK:
-                vis = vis & (tl.load(KVALID + b.to(tl.int64) * Tk + c, mask=c_ok, other=0) != 0)[None, :]
-            pr = tl.where(vis & valid[:, None], pr, 0.0)
-        elif MODE == 0:
-            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
-                           b.to(tl.int64) * Tk, HAS_KMASK)
-            pr = tl.where(vis & valid[:, None], pr, 0.0)
-        elif _segment_masked(MODE, start, Nk, off + i * BLOCK_T, off + (i + RT) * BLOCK_T - 1, window, KEND,
-                             b.to(tl.int64) * Nk, BLOCK_N, HAS_KMASK):  # contiguous tiles i … i+RT−1
-            vis = _visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, -1, KVALID,
-                           b.to(tl.int64) * Tk, HAS_KMASK)
-            pr = tl.where(vis & valid[:, None], pr, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        if GI >= 0:  # dS = P (gate·dP − delta), dv += (gate·P)ᵀ dO
-            gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
-            ds = pr * (gate[:, None] * dp - delta[:, None])
-            pv = pr * gate[:, None]
-        else:
-            ds = pr * (dp - delta[:, None])
-            pv = pr
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        dvv += tl.dot(tl.trans(pv.to(do.dtype)), do, input_precision=PRECISION)
+            c_end = start + BLOCK_N - 1
+        # the first tile whose positions see all keys (none for a segment past the keys); non-negative operands
+        # throughout: Triton's integer division truncates toward zero
+        first_whole = tl.where(full, tl.cdiv(tl.maximum(c_end - off, 0), BLOCK_T), t_hi)
+        i_a = tl.minimum(t_lo + tl.cdiv(tl.maximum(first_whole - t_lo, 0), RT) * RT, t_hi).to(tl.int32)
+        if MODE == 1:  # ... up to the last step whose last position p still sees the first key (p − window < start)
+            reach = start + window - off  # steps i with (i + RT)·BLOCK_T ≤ reach
+            n_whole = tl.maximum(reach // BLOCK_T - i_a, 0) // RT
+            i_b = tl.minimum(i_a + n_whole * RT, t_hi).to(tl.int32)
+    for i in range(t_lo, i_a, RT):
+        dk, dvv = _dkdv_step(dk, dvv, i, k, v, c, c_ok, Q, DO, GATE, LSE, DELTA, KEND, KVALID, POS, NEED, kid, bh, b,
+                             t_hi, n_tiles, n_pos, Ns, sqb, sqh, sqt, Tq, Tk, Nk, window, scale, step, G, GP, HKV,
+                             BLOCK_T, D, DV, GI, MODE, PRECISION, HAS_KMASK, RT, True)
+    for i in range(i_a, i_b, RT):
+        dk, dvv = _dkdv_step(dk, dvv, i, k, v, c, c_ok, Q, DO, GATE, LSE, DELTA, KEND, KVALID, POS, NEED, kid, bh, b,
+                             t_hi, n_tiles, n_pos, Ns, sqb, sqh, sqt, Tq, Tk, Nk, window, scale, step, G, GP, HKV,
+                             BLOCK_T, D, DV, GI, MODE, PRECISION, HAS_KMASK, RT, False)
+    for i in range(i_b, t_hi, RT):
+        dk, dvv = _dkdv_step(dk, dvv, i, k, v, c, c_ok, Q, DO, GATE, LSE, DELTA, KEND, KVALID, POS, NEED, kid, bh, b,
+                             t_hi, n_tiles, n_pos, Ns, sqb, sqh, sqt, Tq, Tk, Nk, window, scale, step, G, GP, HKV,
+                             BLOCK_T, D, DV, GI, MODE, PRECISION, HAS_KMASK, RT, True)
     kv_off = (tl.program_id(2) * tl.num_programs(1) + bh).to(tl.int64) * Nk
     pk = DK + (kv_off + c)[:, None] * D + d[None, :]
     pv = DV_ + (kv_off + c)[:, None] * DV + dv[None, :]
