@@ -405,6 +405,32 @@ def test_layout_tables_are_shared_by_equal_masks_and_rebuilt_for_changed_ones():
     assert rel(nsa_triton_forward(q, k, v, gates, vm, *params).double(), ref) <= 1e-5
 
 
+def test_mask_cache_skips_the_comparison_only_for_the_same_unchanged_tensor(monkeypatch):
+    """`MaskCache` finds the tensor it last matched without comparing contents (no host sync on a GPU); a change
+    through a view (shared version counter), an equal copy and an inference tensor (no version counter) are
+    compared, and a changed mask gets tables of its own."""
+    from nsa_compile.kernels.common import MaskCache
+
+    compares = []
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compares.append(1) or equal(a, b))
+    cache, builds = MaskCache(), []
+
+    def get(m):
+        return cache.get(m, ("key",), lambda: builds.append(m.clone()) or len(builds))
+
+    vm = torch.rand(2, 50, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert (get(vm), get(vm), len(compares)) == (1, 1, 0)  # built once, then found by identity
+    assert (get(vm.clone()), len(compares)) == (1, 1)  # equal copy: compared
+    assert (get(vm), len(compares)) == (1, 2)  # the entry now holds the copy: compared once more ...
+    assert (get(vm), len(compares)) == (1, 2)  # ... and then no more
+    vm[:, 10:20].logical_not_()  # in place through a view: the version counter moves
+    assert (get(vm), len(compares)) == (2, 3) and equal(builds[-1], vm)
+    with torch.inference_mode():
+        frozen = vm.clone()
+    assert (get(frozen), get(frozen), len(compares)) == (2, 2, 5)  # no version counter: compared every time
+
+
 def test_tables_built_under_inference_mode_serve_a_later_training_call():
     """A mask's tables built in an inference-mode forward (e.g. an evaluation) are found again by a later training
     step over the same mask; they must not be inference tensors there (autograd refuses to save those)."""
