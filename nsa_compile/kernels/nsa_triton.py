@@ -396,7 +396,9 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
     layout, video_q, branches = _prepare(q, k, v, video_mask, block_size, block_stride, selection_block_size,
                                          window_size, key_valid)
     g = gates.float().contiguous()
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    # no zeroing: the first pass over each row sets its dq (text rows: dense; video rows: compression), the others
+    # add to it (A at 128K: −1.2 ms per backward, one write and one read of 1.9 GiB fewer)
+    dq = _empty(*q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
     dgates = torch.zeros(g.shape, dtype=torch.float32, device=q.device)
@@ -427,7 +429,8 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         on_side = name == "dense" and side is not None
         with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
             known = lse[..., plan.gate].contiguous() if state and plan.gate >= 0 else None
-            branch_lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq, lse=known)
+            branch_lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq, lse=known,
+                                                     first=name in ("dense", "compression"))
             if plan.gate >= 0:
                 dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
                 delta = torch.where(vq, rowd * g[..., plan.gate], 0.0).contiguous()

@@ -170,7 +170,7 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
 
     BWD=False (forward): the row's gate·o goes to OUT (strides sob, soh, sot; its first dv_out columns, in its
     dtype), added to what OUT holds there when OUT_IN. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and
-    DQ[row] += the branch's dq, in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta =
+    DQ[row] gets the branch's dq (added to what it holds when OUT_IN), in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta =
     gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
     = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated online
     (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp over the
@@ -258,7 +258,9 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
         tl.store(ROWD + row, rowd, mask=valid)
         dq = (a1 + (c_ref - rowd)[:, None] * a2) * (gate * scale / l_safe)[:, None]
         dq_ptr = DQ + row[:, None] * D + d[None, :]
-        tl.store(dq_ptr, tl.load(dq_ptr, mask=valid[:, None], other=0.0) + dq, mask=valid[:, None])
+        if OUT_IN:
+            dq += tl.load(dq_ptr, mask=valid[:, None], other=0.0)
+        tl.store(dq_ptr, dq, mask=valid[:, None])
     else:
         _write_rows(acc / l_safe[:, None], gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV,
                     GI, OUT_IN)
@@ -857,7 +859,8 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=N
         without a gate) in out's dtype; ``first``: they get ``= gate·o`` (the first branch of those rows: ``out``
         needs no zeroing);
         grad_out, dq: (the backward's pass) contiguous [B, Hq, Tq, Dv] dO and fp32 contiguous [B, Hq, Tq, D]: the
-        needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`), and their ``Σ_d dO·o`` is returned;
+        needed rows of ``dq`` get ``+=`` the branch's dq (see `_fwd`; ``= dq`` with ``first``: the first pass over
+        those rows, so ``dq`` needs no zeroing), and their ``Σ_d dO·o`` is returned;
         lse: with grad_out, the forward's log-sum-exp of the branch (fp32 contiguous [B, Hq, Tq]; its rows that
         need the branch are read): the pass takes P from it, with no running maximum to rescale by.
     Returns:
@@ -881,7 +884,7 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=N
                grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
                tables["segments"], tables["need"], tables["key_valid"], *strides,
                *((0, 0, 0) if bwd else out.stride()[:3]), *sizes, plan.window, scale, 0 if bwd else out.shape[-1],
-               **meta, BWD=bwd, OUT_IN=not (bwd or first), LSE_IN=lse_in,
+               **meta, BWD=bwd, OUT_IN=not first, LSE_IN=lse_in,
                **_launch_options(q, plan, bwd, meta["GP"]))
     return lse, rowd
 
