@@ -25,6 +25,9 @@ CASES = {
     # kernels run without a mask: compressed keys 0-63 for the tiles (32 positions in fp32) from position 256, the
     # middle two of a tile's four window segments, the text rows' first 256 keys, a selection block's later readers
     "B1-HQ2-H1-T320-unmasked-segments": (1, 2, 1, 320, 320, 16, [[(0, 300)]], (4, 4, 16, 4, 192)),
+    # queries from position 62 on: the text rows' tile at 254 has a key segment ending at 255, one past its first
+    # position, which must stay masked (tiles and segments aligned differently from the case above)
+    "B1-HQ2-H1-Tq256-Tk318-unmasked-after-cache": (1, 2, 1, 256, 318, 16, [[(0, 250)]], (4, 4, 16, 4, 192)),
 }
 
 
