@@ -71,8 +71,8 @@ def _rows(Q, NEED, tile, bh, sqb, sqh, sqt, Tq, Tk, G: tl.constexpr, GP: tl.cons
 @triton.jit
 def _n_segments(MODE: tl.constexpr, tile, b, Tq, Tk, n_txt, window, CMP_N, BLOCK_T: tl.constexpr,
                 BLOCK_N: tl.constexpr, NSEL: tl.constexpr):
-    """First key ``lo`` and number of key segments a tile visits (COMPRESSED: CMP_N int32 [B, tiles, 2] holds how
-    many compressed keys the tile's last position sees, then its first)."""
+    """First key ``lo`` and number of key segments a tile visits (COMPRESSED: CMP_N int32 [B, tiles] holds how
+    many compressed keys the tile's last position sees)."""
     p_lo = Tk - Tq + tile * BLOCK_T
     p_hi = tl.minimum(p_lo + BLOCK_T, Tk)
     if MODE == 0:
@@ -83,7 +83,7 @@ def _n_segments(MODE: tl.constexpr, tile, b, Tq, Tk, n_txt, window, CMP_N, BLOCK
         n_seg = tl.cdiv(p_hi - lo, BLOCK_N)
     elif MODE == 2:
         lo = 0
-        n_seg = tl.cdiv(tl.load(CMP_N + (b * tl.num_programs(0) + tile) * 2), BLOCK_N)
+        n_seg = tl.cdiv(tl.load(CMP_N + b * tl.num_programs(0) + tile), BLOCK_N)
     else:
         lo = 0
         n_seg = n_txt + BLOCK_T * (NSEL + 1)
@@ -136,82 +136,22 @@ def _visible(MODE: tl.constexpr, c, c_ok, p, t_loc, KEND, kend_base, window, own
 
 
 @triton.jit
-def _unmasked_range(MODE: tl.constexpr, tile, b, lo, n_seg, Nk, p_first, p_last, window, CMP_N,
-                    BLOCK_N: tl.constexpr):
-    """Segments i_a … i_b−1 of a tile's n_seg (DENSE, WINDOW, COMPRESSED modes; keys lo + i·BLOCK_N …) need no
-    `_visible` mask for its rows at positions p_first … p_last: every key of them exists and every row sees it, as
-    for all but the last compressed segments of a tile and the inner ones of its window (FlashAttention's unmasked
-    blocks); the others do. Rows not needed take no mask: their q is 0, their output unstored, their backward terms
-    0. From the scalars alone (divisions of non-negative numbers: Triton's division truncates toward zero):
-    a segment is whole and seen by p_first when its last key is below L = min(Nk, p_first + 1) (COMPRESSED: below
-    the count of compressed keys p_first sees, CMP_N's second column, as their ends ascend), and, in the window, its
-    first key is above p_last − window."""
-    if MODE == 2:
-        seen = tl.load(CMP_N + (b * tl.num_programs(0) + tile) * 2 + 1)
-        i_a = 0
+def _segment_masked(MODE: tl.constexpr, start, Nk, p_first, p_last, window, KEND, kend_base,
+                    BLOCK_N: tl.constexpr, HAS_KMASK: tl.constexpr):
+    """Whether rows at positions p_first … p_last need `_visible`'s mask on the keys start … start+BLOCK_N−1 of a
+    contiguous segment (DENSE, WINDOW, COMPRESSED modes): not when every key exists and every row sees it, as for
+    all but the last compressed segments of a tile and the inner ones of its window (FlashAttention's unmasked
+    blocks). Rows not needed take no mask: their q is 0, their output unstored, their backward terms 0."""
+    c_hi = start + BLOCK_N - 1
+    if MODE == 3 or (HAS_KMASK and MODE != 2):
+        return c_hi >= 0
+    elif MODE == 0:
+        return (c_hi >= Nk) | (c_hi > p_first)
+    elif MODE == 1:
+        return (c_hi >= Nk) | (c_hi > p_first) | (start <= p_last - window)
     else:
-        seen = tl.minimum(Nk, p_first + 1)
-        i_a = 0
-        if MODE == 1:
-            x = p_last - window - lo
-            i_a = tl.where(x >= 0, tl.maximum(x, 0) // BLOCK_N + 1, 0)
-    i_b = tl.maximum(seen - lo, 0) // BLOCK_N
-    i_a = tl.minimum(i_a, n_seg)
-    return i_a, tl.minimum(tl.maximum(i_b, i_a), n_seg)
-
-
-@triton.jit
-def _fwd_step(i, m_i, l_i, acc, a1, a2, edp, c_ref, q, do, lse2, k_base, v_base, lo, b, hkv, tile, p, t_loc, Tq,
-              Nk, Tk, n_txt, window, scale, KEND, TXT, SEG, KVALID, skt, svt, HKV: tl.constexpr,
-              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr,
-              MODE: tl.constexpr, PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr,
-              LSE_IN: tl.constexpr, MASKED: tl.constexpr):
-    """One key segment of `_fwd`'s loop (inlined), with `_visible`'s mask when MASKED; returns the running sums."""
-    start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N, NSEL)
-    n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    dv = tl.arange(0, DV)
-    c = start + n
-    c_ok = (n < length) & (c < Nk)
-    k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
-    if LSE_IN:
-        e = tl.math.exp2(s * (scale * LOG2E) - lse2[:, None])
-        if MASKED:
-            e = tl.where(_visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
-                                  b.to(tl.int64) * Tk, HAS_KMASK), e, 0.0)
-        e_sum = tl.sum(e, axis=1)
-        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        e_dp = tl.sum(e * dp, axis=1)
-        c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
-        edp += e_dp
-        a1 += tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k, input_precision=PRECISION)
-        a2 += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
-        l_i += e_sum
-    else:
-        if MASKED:
-            s = tl.where(_visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
-                                  b.to(tl.int64) * Tk, HAS_KMASK), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1) * (scale * LOG2E))  # log2 units: exp2, no range fix-up
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        e = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        e_sum = tl.sum(e, axis=1)
-        v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
-        if BWD:
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            e_dp = tl.sum(e * dp, axis=1)
-            c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
-            edp = edp * alpha + e_dp
-            a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
-                                              input_precision=PRECISION)
-            a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
-        l_i = l_i * alpha + e_sum
-        m_i = m_new
-    return m_i, l_i, acc, a1, a2, edp, c_ref
+        end = tl.load(KEND + kend_base + c_hi, mask=c_hi < Nk, other=2147483647)
+        return end > p_first
 
 
 # n_txt is not specialised: Triton's specialisation of an integer argument equal to 1 (one chunk of text keys, e.g.
@@ -230,9 +170,8 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
 
     BWD=False (forward): the row's gate·o goes to OUT (strides sob, soh, sot; its first dv_out columns, in its
     dtype), added to what OUT holds there when OUT_IN. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and
-    DQ[row] gets the branch's dq (added to what it holds when OUT_IN), in the same pass. With P = softmax,
-    dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta = gate·rowd, the softmax backward's
-    dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
+    DQ[row] gets the branch's dq (added to what it holds when OUT_IN), in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta =
+    gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
     = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated online
     (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp over the
     row's first visible segment, so the bf16-rounded terms P_j (dp_j − c) are small like the usual P_j (dp_j −
@@ -261,39 +200,52 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
         do = tl.load(DO + o_ptr, mask=valid[:, None], other=0.0)
     if LSE_IN:  # the forward's log-sum-exp: P directly, no running max, nothing to rescale
         lse2 = tl.load(LSE + row, mask=valid, other=float("inf")) * LOG2E
-    else:
-        lse2 = l_i
-    if not BWD:
-        do = q
-    # Segments every row sees whole run without the [rows, keys] mask, in a loop of their own (no branch per
-    # segment), the masked ones before and after them in loops with it. No branch on empty segments either (their
-    # loads are masked): the loops can pipeline.
-    if MODE == 3 or (HAS_KMASK and MODE != 2):  # selection tiles and key padding: every segment masked
-        for i in range(0, n_seg):
-            m_i, l_i, acc, a1, a2, edp, c_ref = _fwd_step(
-                i, m_i, l_i, acc, a1, a2, edp, c_ref, q, do, lse2, k_base, v_base, lo, b, hkv, tile, p, t_loc, Tq, Nk,
-                Tk, n_txt, window, scale, KEND, TXT, SEG, KVALID, skt, svt, HKV, BLOCK_T, BLOCK_N, D, DV, NSEL, MODE,
-                PRECISION, HAS_KMASK, BWD, LSE_IN, True)
-    else:
-        p_first = Tk - Tq + tile * BLOCK_T
-        i_a, i_b = _unmasked_range(MODE, tile, b, lo, n_seg, Nk, p_first, p_first + BLOCK_T - 1, window,
-                                   CMP_N, BLOCK_N)
-        if MODE == 1:  # the window's first segments: keys some rows no longer see
-            for i in range(0, i_a):
-                m_i, l_i, acc, a1, a2, edp, c_ref = _fwd_step(
-                    i, m_i, l_i, acc, a1, a2, edp, c_ref, q, do, lse2, k_base, v_base, lo, b, hkv, tile, p, t_loc,
-                    Tq, Nk, Tk, n_txt, window, scale, KEND, TXT, SEG, KVALID, skt, svt, HKV, BLOCK_T, BLOCK_N, D, DV,
-                    NSEL, MODE, PRECISION, HAS_KMASK, BWD, LSE_IN, True)
-        for i in range(i_a, i_b):
-            m_i, l_i, acc, a1, a2, edp, c_ref = _fwd_step(
-                i, m_i, l_i, acc, a1, a2, edp, c_ref, q, do, lse2, k_base, v_base, lo, b, hkv, tile, p, t_loc, Tq, Nk,
-                Tk, n_txt, window, scale, KEND, TXT, SEG, KVALID, skt, svt, HKV, BLOCK_T, BLOCK_N, D, DV, NSEL, MODE,
-                PRECISION, HAS_KMASK, BWD, LSE_IN, False)
-        for i in range(i_b, n_seg):  # the last segments: keys past some rows' positions, or past Nk
-            m_i, l_i, acc, a1, a2, edp, c_ref = _fwd_step(
-                i, m_i, l_i, acc, a1, a2, edp, c_ref, q, do, lse2, k_base, v_base, lo, b, hkv, tile, p, t_loc, Tq, Nk,
-                Tk, n_txt, window, scale, KEND, TXT, SEG, KVALID, skt, svt, HKV, BLOCK_T, BLOCK_N, D, DV, NSEL, MODE,
-                PRECISION, HAS_KMASK, BWD, LSE_IN, True)
+    n = tl.arange(0, BLOCK_N)
+    p_first = Tk - Tq + tile * BLOCK_T
+    for i in range(0, n_seg):  # no branch on empty segments (their loads are masked): the loop can pipeline
+        start, length, owner = _segment(MODE, i, lo, b, hkv, tile, Tq, n_txt, TXT, SEG, HKV, BLOCK_T, BLOCK_N, NSEL)
+        c = start + n
+        c_ok = (n < length) & (c < Nk)
+        k = tl.load(k_base + c[:, None] * skt + d[None, :], mask=c_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # unscaled: the scale (> 0) goes into one FFMA
+        masked = _segment_masked(MODE, start, Nk, p_first, p_first + BLOCK_T - 1, window, KEND, b.to(tl.int64) * Nk,
+                                 BLOCK_N, HAS_KMASK)
+        if LSE_IN:
+            e = tl.math.exp2(s * (scale * LOG2E) - lse2[:, None])
+            if masked:
+                e = tl.where(_visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                                      b.to(tl.int64) * Tk, HAS_KMASK), e, 0.0)
+            e_sum = tl.sum(e, axis=1)
+            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            e_dp = tl.sum(e * dp, axis=1)
+            c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
+            edp += e_dp
+            a1 += tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k, input_precision=PRECISION)
+            a2 += tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+            l_i += e_sum
+        else:
+            if masked:
+                s = tl.where(_visible(MODE, c, c_ok, p, t_loc, KEND, b.to(tl.int64) * Nk, window, owner, KVALID,
+                                      b.to(tl.int64) * Tk, HAS_KMASK), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1) * (scale * LOG2E))  # log2 units: exp2, no range fix-up
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            e = tl.math.exp2(s * (scale * LOG2E) - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            e_sum = tl.sum(e, axis=1)
+            v = tl.load(v_base + c[:, None] * svt + dv[None, :], mask=c_ok[:, None], other=0.0)
+            if BWD:
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                e_dp = tl.sum(e * dp, axis=1)
+                c_ref = tl.where(l_i == 0.0, e_dp / tl.where(e_sum == 0.0, 1.0, e_sum), c_ref)
+                edp = edp * alpha + e_dp
+                a1 = a1 * alpha[:, None] + tl.dot((e * (dp - c_ref[:, None])).to(k.dtype), k,
+                                                  input_precision=PRECISION)
+                a2 = a2 * alpha[:, None] + tl.dot(e.to(k.dtype), k, input_precision=PRECISION)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(e.to(v.dtype), v, input_precision=PRECISION)
+            l_i = l_i * alpha + e_sum
+            m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     if not LSE_IN:
@@ -924,12 +876,10 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=N
     rowd = torch.full((B, Hq, Tq), float("nan"), dtype=torch.float32, device=q.device) if bwd else None
     z = torch.zeros(1, dtype=torch.float32, device=q.device)
     cmp_n = z
-    if plan.mode == COMPRESSED:  # causality: a tile visits only the compressed keys its last position sees, and
-        # those its first position sees need no mask: [B, tiles, 2] counts of both
-        tile0 = torch.arange(grid[0], device=q.device, dtype=torch.int32) * meta["BLOCK_T"]
-        ends = torch.stack([(tile0 + meta["BLOCK_T"]).clamp(max=Tq) - 1, tile0], -1) + (plan.tk - Tq)
-        cmp_n = torch.searchsorted(plan.kend, ends.reshape(1, -1).expand(B, -1).contiguous(), right=True)
-        cmp_n = cmp_n.to(torch.int32).contiguous()
+    if plan.mode == COMPRESSED:  # causality: a tile visits only the compressed keys its last position sees
+        last = (torch.arange(1, grid[0] + 1, device=q.device, dtype=torch.int32) * meta["BLOCK_T"]).clamp(max=Tq)
+        last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
+        cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
     _fwd[grid](q, k, v, z if bwd else out, lse, rowd if bwd else z,
                grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
                tables["segments"], tables["need"], tables["key_valid"], *strides,
