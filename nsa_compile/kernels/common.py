@@ -252,7 +252,7 @@ class MaskCache:
     it compares contents with the entry's copy of the mask (one host sync; also for inference tensors, which keep no
     version counter), so a mask changed in place, or a new mask at a reused address, is never matched. The entry
     holds a reference to the tensor it last matched (no reuse of its address while kept). The sync-free path cut
-    shape A's forward at 16K from 7.2 to 6.1 ms and its forward+backward from 20.3 to 17.8 ms on an H100 (the sync
+    shape A's forward at 16K from 7.3 to 6.1 ms and its forward+backward from 20.5 to 17.8 ms on an H100 (the sync
     had left the GPU idle while the host queued the next launches; BENCHMARKS.md, twenty-second session). Changes
     made outside PyTorch's ops (through DLPack or a NumPy view) are not seen: pass a new tensor then.
     Thread-safe."""

@@ -397,7 +397,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
                                          window_size, key_valid)
     g = gates.float().contiguous()
     # no zeroing: the first pass over each row sets its dq (text rows: dense; video rows: compression), the others
-    # add to it (A at 128K: −1.2 ms per backward, one write and one read of 1.9 GiB fewer)
+    # add to it (A at 128K: a 1.9 GiB fill and one read of it fewer; BENCHMARKS.md, twenty-second session)
     dq = _empty(*q.shape, dtype=torch.float32, device=q.device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)

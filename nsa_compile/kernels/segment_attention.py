@@ -170,8 +170,9 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
 
     BWD=False (forward): the row's gate·o goes to OUT (strides sob, soh, sot; its first dv_out columns, in its
     dtype), added to what OUT holds there when OUT_IN. BWD=True (the backward's pass): ROWD[row] = Σ_d dO·o and
-    DQ[row] gets the branch's dq (added to what it holds when OUT_IN), in the same pass. With P = softmax, dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta =
-    gate·rowd, the softmax backward's dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
+    DQ[row] gets the branch's dq (added to what it holds when OUT_IN), in the same pass. With P = softmax,
+    dp_j = dO·v_j, rowd = Σ_j P_j dp_j and delta = gate·rowd, the softmax backward's
+    dq = scale · Σ_j P_j (gate·dp_j − delta) k_j
     = scale · gate · (Σ_j P_j (dp_j − c) k_j + (c − rowd) Σ_j P_j k_j) for any c; both sums are accumulated online
     (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp over the
     row's first visible segment, so the bf16-rounded terms P_j (dp_j − c) are small like the usual P_j (dp_j −
