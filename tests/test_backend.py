@@ -154,6 +154,49 @@ def test_training_graphs_keep_the_topn_for_the_backward(monkeypatch):
     assert rel(again, out.detach()) <= 1e-6
 
 
+def test_layers_and_backward_find_the_mask_tables_by_identity(monkeypatch):
+    """The mask the graph computes reaches every layer's op, and its backward, as one tensor: per training step one
+    content comparison (`MaskCache`, a host sync on a GPU) for the first layer's lookup, none for the other three
+    (here on the Triton path, forced onto the CPU's interpreter). Under ``inference_mode`` the mask is an
+    inference tensor, without a version counter: every layer compares."""
+    from nsa_compile.kernels import common
+    from nsa_compile.kernels import nsa as nsa_mod
+
+    from nsa_compile.kernels.nsa_triton import _TABLES
+
+    monkeypatch.setattr(nsa_mod, "_route", lambda q, k, v, m: (True, None))
+    _TABLES.clear()  # no entry of an earlier test to compare with at step 0
+    counts = {"lookups": 0, "compares": 0, "in": False}
+    get, equal = common.MaskCache.get, torch.equal
+
+    def counting_get(self, mask, key, build):
+        counts["lookups"] += 1
+        counts["in"] = True
+        try:
+            return get(self, mask, key, build)
+        finally:
+            counts["in"] = False
+
+    def counting_equal(a, b):
+        counts["compares"] += counts["in"]
+        return equal(a, b)
+
+    monkeypatch.setattr(common.MaskCache, "get", counting_get)
+    monkeypatch.setattr(torch, "equal", counting_equal)
+    torch.manual_seed(0)
+    model = ToyVLM(layers=2, hidden=96)  # head dim 16: the smallest the kernels take
+    ids, pix = toy_inputs(B=1, T=64, spans=((8, 56),))
+    compiled = nsa_compile.compile(model, SMALL, fullgraph=True)
+    for step in range(2):
+        counts.update(lookups=0, compares=0)
+        compiled(ids, pix).square().mean().backward()
+        assert (counts["lookups"], counts["compares"]) == (4, 0 if step == 0 else 1), step  # step 0 builds
+    counts.update(lookups=0, compares=0)
+    with torch.inference_mode():
+        compiled(ids, pix)
+    assert (counts["lookups"], counts["compares"]) == (2, 2)
+
+
 def test_backend_by_name_without_importing_us():
     code = (
         "import sys, torch\n"
