@@ -161,7 +161,6 @@ def test_layers_and_backward_find_the_mask_tables_by_identity(monkeypatch):
     inference tensor, without a version counter: every layer compares."""
     from nsa_compile.kernels import common
     from nsa_compile.kernels import nsa as nsa_mod
-
     from nsa_compile.kernels.nsa_triton import _TABLES
 
     monkeypatch.setattr(nsa_mod, "_route", lambda q, k, v, m: (True, None))
