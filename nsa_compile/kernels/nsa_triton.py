@@ -31,6 +31,9 @@ from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELEC
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 BACKWARD_ORDER_BY_KEY = ("dense", "compression", "window", "selection")  # selection's delta needs the others'
+# Each row's first branch in both orders (text rows have only dense): it sets the row's output, and in the
+# backward its dq, which the later branches add to, so neither is zeroed.
+FIRST = ("dense", "compression")
 
 
 def _pow2_block(n: int) -> int:
@@ -336,7 +339,7 @@ def nsa_triton_forward(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mas
                 plan, kk, vv = branches[name]
                 kc, vc = kk[:, h0:h0 + step], vv[:, h0:h0 + step]
                 run = selection_fwd if name == "selection" and by_key else segment_attention_fwd
-                lse = run(qc, kc, vc, scale, plan, g, first=name == "compression", out=out[:, hq])[0]
+                lse = run(qc, kc, vc, scale, plan, g, first=name in FIRST, out=out[:, hq])[0]
                 if lse_out is not None and plan.gate >= 0:  # rows without the branch: 0
                     lse_out[:, hq, :, plan.gate] = torch.where(lse.isnan(), 0.0, lse)
                 if name == "compression":
@@ -430,7 +433,7 @@ def nsa_triton_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, gates
         with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
             known = lse[..., plan.gate].contiguous() if state and plan.gate >= 0 else None
             branch_lse, rowd = segment_attention_fwd(q, kk, vv, scale, plan, g, grad_out=go, dq=dq, lse=known,
-                                                     first=name in ("dense", "compression"))
+                                                     first=name in FIRST)
             if plan.gate >= 0:
                 dgates[..., plan.gate] = torch.where(vq, rowd, 0.0)
                 delta = torch.where(vq, rowd * g[..., plan.gate], 0.0).contiguous()
