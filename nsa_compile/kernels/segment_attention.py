@@ -517,9 +517,9 @@ def _step_masked(p_first, last, c_top, HAS_KMASK: tl.constexpr):
 
 
 @triton.jit
-def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KVALID,
+def _selection_partials(Q, K, V, OP, LP, LIST, WALK, SEG, BSTART, BLEN, TXT, NEED, KVALID,
                         sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                        Tq, Tk, Ns, n_txt, n_pieces, n_list, t0, P, scale,
+                        Tq, Tk, Ns, n_items, n_txt, n_pieces, n_list, t0, P, scale,
                         G: tl.constexpr, HKV: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                         D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, NSLOT: tl.constexpr,
                         PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, IDX64: tl.constexpr):
@@ -529,17 +529,22 @@ def _selection_partials(Q, K, V, OP, LP, LIST, WALK, BSTART, BLEN, TXT, NEED, KV
     two: group 7 fills 63 of 64 rows, not 56): LP = its log-sum-exp (fp32; −inf when it sees no key), OP = the
     normalised output (OP's dtype), at [bh, t − t0, slot, g] with slot the segment's rank among the position's
     (``s`` < NSEL+1: its top-n ids and own block; NSEL+1+i: text chunk i). `_selection_combine` merges a position's
-    slots. Readers: for selection block kid < Ns entries WALK[bh, kid] = (first, end) of LIST[bh], each
-    t·(NSEL+1) + s; for piece j of text chunk i (kid = Ns + i·n_pieces + j) the positions first … end−1."""
-    kid = tl.program_id(0)
+    slots. Readers: program j < n_items takes a piece of selection block kid = SEG[bh, j], entries WALK[bh, j] =
+    (first, end) of LIST[bh], each t·(NSEL+1) + s (`_split_selection_walk`: a block many positions select is cut
+    in pieces); program n_items + i·n_pieces + j takes piece j of text chunk i, the positions first … end−1."""
+    item = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
     hkv = bh % HKV
-    walk = WALK + (bh.to(tl.int64) * (Ns + n_txt * n_pieces) + kid) * 2
+    walk = WALK + (bh.to(tl.int64) * (n_items + n_txt * n_pieces) + item) * 2
     e_lo = tl.load(walk)
     e_hi = tl.load(walk + 1)
     if e_lo >= e_hi:
         return
+    if item < n_items:
+        kid = tl.load(SEG + bh.to(tl.int64) * n_items + item)
+    else:
+        kid = Ns + (item - n_items)
     txt, c, key_ok, c_ok, k, v = _by_key_segment(K, V, BSTART, BLEN, TXT, KVALID, kid, b, hkv, Tk, Ns, n_txt,
                                                  n_pieces, skb, skh, skt, svb, svh, svt, BLOCK_N, D, DV, HAS_KMASK)
     d = tl.arange(0, D)
@@ -756,8 +761,9 @@ class TopnGeometry(NamedTuple):
     """What `select_topn` needs of the layout, the same for every head and layer of a call: int32 [B, Ns] first
     compression block overlapping each selection block and their count, the largest count ``W`` (a host value),
     int32 [B, Tq] the candidates of each query (the blocks ending before its own block), and ``identity`` (a host
-    value): every selection block is the compression block of the same index, alone (compression and selection
-    blocks coincide: the ``videonsa`` preset on video spans of whole blocks)."""
+    value): every selection block a video position may select is the compression block of the same index, alone
+    (compression and selection blocks coincide: the ``videonsa`` preset on one video span, or on several of whole
+    blocks)."""
 
     first: torch.Tensor
     width: torch.Tensor
@@ -1055,6 +1061,32 @@ def _selection_lists(plan: SegmentPlan, Tq: int, Hkv: int, chunk: int, text_piec
     return order.to(torch.int32), walk
 
 
+def _split_selection_walk(walk: torch.Tensor, Ns: int, piece: int, max_entries: int):
+    """The selection blocks of ``walk`` (int32 [chunks, B·Hkv, Ns + text segments, 2] from `_selection_lists`)
+    cut in pieces of at most ``piece`` reader entries, one program each, so that a block most positions of a
+    chunk select does not hold its launch up while the other programs are done (the first blocks of a video, in
+    the deeper layers of even a randomly initialised 7B model: ~2,400 of a chunk's ~2,800 positions, against ~160
+    on average; twenty-third session). ``max_entries`` bounds a chunk's entries per (batch, KV head), so that the
+    item count n_items = Ns + ⌈max_entries / piece⌉ ≥ Σ ⌈entries of a block / piece⌉ is known without a host sync.
+
+    Returns: (walk int32 [chunks, B·Hkv, n_items + text segments, 2]: each chunk's pieces in block order, then
+    empty ones, then the text segments as they were; seg int32 [chunks, B·Hkv, n_items]: the block of each
+    piece; n_items)."""
+    C, BH = walk.shape[:2]
+    lo, hi = walk[..., :Ns, 0].long(), walk[..., :Ns, 1].long()
+    pieces = (hi - lo + piece - 1) // piece  # [C, BH, Ns]; 0 for a block no position reads
+    end = pieces.cumsum(-1)
+    n_items = Ns + triton.cdiv(max_entries, piece)
+    item = torch.arange(n_items, device=walk.device).expand(C, BH, n_items).contiguous()
+    seg = torch.searchsorted(end, item, right=True).clamp_(max=Ns - 1)  # the block whose pieces hold the item
+    first = lo.gather(-1, seg) + (item - (end - pieces).gather(-1, seg)) * piece
+    last = torch.minimum(first + piece, hi.gather(-1, seg))
+    used = item < end[..., -1:]
+    first, last = torch.where(used, first, 0), torch.where(used, last, 0)
+    walk = torch.cat([torch.stack([first, last], -1).to(torch.int32), walk[..., Ns:, :]], 2).contiguous()
+    return walk, seg.to(torch.int32).contiguous(), n_items
+
+
 def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int, text_piece: int):
     """`_selection_lists` in one chunk, as `_bwd_dkdv` reads it: pos int32 [B·Hkv, Tq·(n+1)], the positions that
     selected or own each selection block, and walk int32 [B·Hkv, Ns + n_txt·pieces, 2] (each text chunk's readers
@@ -1069,6 +1101,13 @@ def _selection_walk(plan: SegmentPlan, Tq: int, Hkv: int, text_piece: int):
 # with 256 MiB, twentieth session); the forward's peak there is the output, these partials and ~60 MiB of tables
 # (1591 MiB, against dense attention's 896 plus the output's 896).
 SELECTION_PARTIAL_BYTES = 640 << 20
+# At most this many steps of `_selection_partials` per program: a selection block read by more positions of a
+# chunk is cut in pieces (`_split_selection_walk`). H100, shape A forward, outputs bitwise equal (twenty-third
+# session): random inputs 16K 6.23 → 5.69 ms, 32K 13.69 → 12.23, 128K 64.7 → 59.1; the 7B end to end's layers
+# at 128K 74–79 → 63 ms (16: the same within 1 %; 64: +1 to +1.5 ms; 8: +1 ms). The backward cut the same way
+# (its later pieces' dk/dv kept apart and added after the launch) measured the same as whole blocks, on random
+# and on the 7B's inputs (170 / 178 ms at 128K either way), so it walks whole blocks.
+SELECTION_PIECE_STEPS = 32
 # The by-key kernels index in int32 (fewer instructions per step: 1075 → 1017 per warp in the forward's loop,
 # 1266 → 1186 in the backward's, offline sm_90 count) while every offset they compute into their partials,
 # queries, dO, gates and reader lists stays below this; in int64 from it on (`_indices_need_int64`).
@@ -1129,6 +1168,7 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out, first: b
         # few steps (a prompt before a 128K video: ~100 ms per layer more in the 7B end to end, twelfth session).
         entries, walk = _selection_lists(plan, Tq, Hkv, P, text_piece=4 * rt)
         n_pieces = triton.cdiv(P, 4 * rt)
+        walk, seg, n_items = _split_selection_walk(walk, Ns, SELECTION_PIECE_STEPS * rt, P * (nsel + 1))
         if o_part is None:  # after the lists, as in `selection_bwd`
             o_part = torch.empty(B * Hkv * P * nslot * G * Dv, dtype=q.dtype, device=q.device)
             lse_part = torch.empty(B * Hkv * P * nslot * G, dtype=torch.float32, device=q.device)
@@ -1136,11 +1176,11 @@ def selection_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out, first: b
         for t0 in range(0, Tq, P):
             lse_part.fill_(float("-inf"))  # slots no segment writes (fewer than n candidates, text not yet seen)
             try:
-                _selection_partials[(Ns + n_txt * n_pieces, B * Hkv)](
-                    q, k, v, o_part, lse_part, entries, walk[t0 // P], tables["block_start"], tables["block_len"],
-                    tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk, Ns, n_txt,
-                    n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows, BLOCK_N=plan.block_n, D=D,
-                    DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
+                _selection_partials[(n_items + n_txt * n_pieces, B * Hkv)](
+                    q, k, v, o_part, lse_part, entries, walk[t0 // P], seg[t0 // P], tables["block_start"],
+                    tables["block_len"], tables["text"], tables["need"], tables["key_valid"], *strides, Tq, plan.tk,
+                    Ns, n_items, n_txt, n_pieces, entries.shape[-1], t0, P, scale, G=G, HKV=Hkv, ROWS=rows,
+                    BLOCK_N=plan.block_n, D=D, DV=Dv, NSEL=nsel, NSLOT=nslot, PRECISION="tf32" if half else "ieee",
                     HAS_KMASK=plan.key_valid is not None, IDX64=idx64, **options)
             except OutOfResources:  # raised before the launch; at the first chunk nothing was written yet
                 if t0 or i + 1 == len(configs):
@@ -1365,7 +1405,11 @@ def topn_geometry(layout, Tq: int) -> TopnGeometry:
     own_start = layout.sel_start[:, Tk - Tq:]  # [B, Tq]
     ncand = torch.searchsorted(sel_end.contiguous(), own_start.contiguous())  # blocks ending before own start
     j = torch.arange(first.shape[1], device=first.device)
-    identity = ((width == 1) & (first == j)) | (sel_start >= Tk)  # padding blocks (start ≥ Tk) are no candidates
+    # Blocks no video position may select need not match: padding blocks (start ≥ Tk), and a span's last block when
+    # it is partial (no compression block of its own) and no video follows it, as in most videos (a length that is
+    # not a multiple of the block; 131,008 video tokens: the top-n 8.9 → 11.1 ms at 128K without this)
+    top = torch.where(own_start < Tk, ncand, 0).amax(-1, keepdim=True) if Tq else torch.zeros_like(j)
+    identity = ((width == 1) & (first == j)) | (sel_start >= Tk) | (j >= top)
     W, ident = torch.stack([width.amax(), identity.all()]).tolist() if width.numel() else (1, False)
     return TopnGeometry(first.to(torch.int32).contiguous(), width.to(torch.int32).contiguous(), max(1, W),
                         ncand.to(torch.int32).contiguous(), bool(ident))

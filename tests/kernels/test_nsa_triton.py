@@ -28,6 +28,8 @@ CASES = {
     # queries from position 62 on: the text rows' tile at 254 has a key segment ending at 255, one past its first
     # position, which must stay masked (tiles and segments aligned differently from the case above)
     "B1-HQ2-H1-Tq256-Tk318-unmasked-after-cache": (1, 2, 1, 256, 318, 16, [[(0, 250)]], (4, 4, 16, 4, 192)),
+    # a video of 5 whole blocks and a partial one, text after it: the top-n's identity path (`topn_geometry`)
+    "B1-HQ7-H1-T100-partial-last-block": (1, 7, 1, 100, 100, 16, [[(3, 93)]], (16, 16, 16, 3, 20)),
 }
 
 
@@ -153,6 +155,60 @@ def test_selection_forward_in_position_chunks_equals_one_chunk(case, monkeypatch
                                                *params)) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B2-HQ6-H2-T80-two-spans"])
+def test_selection_forward_with_blocks_cut_in_pieces_equals_whole_blocks(case, monkeypatch):
+    """A selection block that many positions select is walked by several programs (`SELECTION_PIECE_STEPS`
+    steps each): with pieces of one step the output equals that of whole blocks up to the interpreter's rounding
+    (a step gathers the same rows), and is as exact against the reference."""
+    from nsa_compile.kernels import segment_attention as sa
+
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=5)
+    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
+    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    whole = nsa_triton_forward(q, k, v, gates, vm, *params)
+    split = []
+    real = sa._split_selection_walk
+    monkeypatch.setattr(sa, "SELECTION_PIECE_STEPS", 1)
+    monkeypatch.setattr(sa, "_split_selection_walk", lambda *a: split.append(real(*a)) or split[-1])
+    pieces = nsa_triton_forward(q, k, v, gates, vm, *params)
+    walk, seg, n_items = split[0]
+    used = walk[..., :n_items, 1] > walk[..., :n_items, 0]
+    assert ((seg[..., 1:] == seg[..., :-1]) & used[..., 1:]).any()  # some block was cut in pieces
+    assert rel(pieces.double(), whole.double()) <= 1e-6
+    assert rel(pieces.double(), nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None,
+                                              *params)) <= 1e-5
+
+
+@pytest.mark.parametrize("piece", [1, 3, 50])
+def test_selection_blocks_cut_in_pieces_cover_each_reader_once(piece):
+    """`_split_selection_walk`: the pieces of each chunk's blocks cover every reader entry of the block once, none
+    longer than ``piece``, within the item count fixed without a host sync; the text segments are kept as they
+    were."""
+    from nsa_compile.kernels.segment_attention import _split_selection_walk
+
+    g = torch.Generator().manual_seed(0)
+    C, BH, Ns, n_text, max_entries = 3, 2, 7, 2, 120
+    counts = torch.randint(0, 40, (C, BH, Ns), generator=g)
+    counts = torch.where(counts.cumsum(-1) <= max_entries, counts, 0)
+    counts[0, 0] = 0  # a chunk whose blocks nobody reads
+    counts[1, 1, -1] += max_entries - counts[1, 1].sum()  # a chunk using every entry
+    hi = counts.cumsum(-1)
+    sel = torch.stack([hi - counts, hi], -1)
+    text = torch.randint(0, 99, (C, BH, n_text, 2), generator=g)
+    walk, seg, n_items = _split_selection_walk(torch.cat([sel, text], 2).to(torch.int32), Ns, piece, max_entries)
+    assert walk.shape == (C, BH, n_items + n_text, 2) and seg.shape == (C, BH, n_items)
+    assert torch.equal(walk[:, :, n_items:], text.to(torch.int32))
+    for c in range(C):
+        for bh in range(BH):
+            got = {s: [] for s in range(Ns)}
+            for (first, end), s in zip(walk[c, bh, :n_items].tolist(), seg[c, bh].tolist()):
+                assert 0 <= end - first <= piece
+                got[s] += range(first, end)
+            for s in range(Ns):
+                assert got[s] == list(range(*sel[c, bh, s].tolist())), (c, bh, s)
+
+
 @pytest.mark.parametrize("case", ["B1-HQ7-H1-T90-group7", "B1-HQ4-H4-T56-group1-text-gaps"])
 def test_selection_forward_by_key_segment_equals_by_query_tile(case, monkeypatch):
     """Groups up to `SELECTION_BY_KEY_MAX_GROUP` run the selection forward by key segment; the query-tile kernel
@@ -211,6 +267,23 @@ def test_a_softmax_scale_that_is_not_positive_is_refused(scale):
         nsa_triton_forward(q, k, v, gates, vm, scale, l, d, ls, n, w)
     with pytest.raises(NSAInputError, match="positive softmax scale"):
         nsa_triton_backward(torch.randn_like(q), q, k, v, gates, vm, scale, l, d, ls, n, w)
+
+
+def test_topn_identity_path_ignores_blocks_no_video_position_selects():
+    """`topn_geometry` takes the top-n kernel's identity path (selection block j = compression block j) when the
+    blocks coincide for every block a video position may select: also with a partial last block and text after
+    the video, but not when a partial block of one span is a candidate of the next span's positions."""
+    from nsa_compile.kernels.common import video_layout
+    from nsa_compile.kernels.segment_attention import topn_geometry
+
+    def identity(ranges, T=100):
+        lay = video_layout(spans(1, T, [ranges]), T, 16, 16, 16)
+        return topn_geometry(lay, T).identity
+
+    assert identity([(3, 93)])  # 5 whole blocks, then 10 tokens: never a candidate
+    assert identity([(0, 96)])
+    assert not identity([(0, 40), (48, 96)])  # the first span's partial block precedes the second span
+    assert identity([(0, 32), (40, 88)])  # spans of whole blocks
 
 
 @pytest.mark.parametrize("piece", [20, 3])
