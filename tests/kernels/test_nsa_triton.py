@@ -43,6 +43,13 @@ def block_structured(k, block=64, strength=1.0, seed=0):
     return (k.float() + strength * shared.repeat_interleave(block, 2)[:, :, :T]).to(k.dtype)
 
 
+def case_inputs(case, seed):
+    """fp32 q, k, v, gates, the video mask (of the queries) and the op's parameters of ``case``."""
+    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
+    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=seed)
+    return q, k, v, gates, spans(B, Tk, ranges)[:, Tk - Tq:], (0.5 / D ** 0.5, l, d, ls, n, w)
+
+
 def run_both(case, dtype, seed=0, key_mean=0.0, forward_state=False):
     """Forward and gradients of the Triton path and of the fp64 reference on the case's random inputs; with
     ``key_mean``, every key is shifted by that many times one random vector (keys of a large common mean); with
@@ -101,10 +108,7 @@ def test_forward_writes_every_output_element(case, monkeypatch):
     from nsa_compile.kernels import nsa_triton as nt
 
     monkeypatch.setattr(nt, "POISON_OUTPUTS", True)
-    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
-    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=5)
-    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
-    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    q, k, v, gates, vm, params = case_inputs(case, seed=5)
     out = nsa_triton_forward(q, k, v, gates, vm, *params)
     ref = nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None, *params)
     assert not out.isnan().any() and rel(out.double(), ref) <= 1e-5
@@ -139,17 +143,14 @@ def test_selection_forward_in_position_chunks_equals_one_chunk(case, monkeypatch
     gathers other rows beside it), and is as exact against the reference."""
     from nsa_compile.kernels import segment_attention as sa
 
-    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
-    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=4)
-    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
-    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    q, k, v, gates, vm, params = case_inputs(case, seed=4)
     whole = nsa_triton_forward(q, k, v, gates, vm, *params)
     chunks = []
     real = sa._selection_lists
     monkeypatch.setattr(sa, "SELECTION_PARTIAL_BYTES", 1)
     monkeypatch.setattr(sa, "_selection_lists", lambda *a, **kw: chunks.append(a[3]) or real(*a, **kw))
     chunked = nsa_triton_forward(q, k, v, gates, vm, *params)
-    assert chunks and max(chunks) < Tq
+    assert chunks and max(chunks) < q.shape[2]
     assert rel(chunked.double(), whole.double()) <= 1e-6
     assert rel(chunked.double(), nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None,
                                                *params)) <= 1e-5
@@ -162,10 +163,7 @@ def test_selection_forward_with_blocks_cut_in_pieces_equals_whole_blocks(case, m
     (a step gathers the same rows), and is as exact against the reference."""
     from nsa_compile.kernels import segment_attention as sa
 
-    B, Hq, Hkv, Tq, Tk, D, ranges, (l, d, ls, n, w) = CASES[case]
-    q, k, v, gates = make(B, Hq, Hkv, Tq, Tk, D=D, dtype=torch.float32, seed=5)
-    vm = spans(B, Tk, ranges)[:, Tk - Tq:]
-    params = (0.5 / D ** 0.5, l, d, ls, n, w)
+    q, k, v, gates, vm, params = case_inputs(case, seed=5)
     whole = nsa_triton_forward(q, k, v, gates, vm, *params)
     split = []
     real = sa._split_selection_walk
@@ -180,15 +178,16 @@ def test_selection_forward_with_blocks_cut_in_pieces_equals_whole_blocks(case, m
                                               *params)) <= 1e-5
 
 
-@pytest.mark.parametrize("piece", [1, 3, 50])
-def test_selection_blocks_cut_in_pieces_cover_each_reader_once(piece):
+@pytest.mark.parametrize("piece,Ns,max_entries", [(1, 7, 600), (3, 7, 600), (50, 7, 600), (7, 1500, 30000)],
+                         ids=["piece1", "piece3", "piece50", "piece7-1500-blocks"])
+def test_selection_blocks_cut_in_pieces_cover_each_reader_once(piece, Ns, max_entries):
     """`_split_selection_walk`: the pieces of each chunk's blocks cover every reader entry of the block once, none
     longer than ``piece``, within the item count fixed without a host sync; the text segments are kept as they
-    were."""
+    were. With piece 1, several rounds of empty items; with 1,500 blocks, the 8-warp launch of 128K tokens."""
     from nsa_compile.kernels.segment_attention import _split_selection_walk
 
     g = torch.Generator().manual_seed(0)
-    C, BH, Ns, n_text, max_entries = 3, 2, 7, 2, 600  # with piece 1: several rounds of empty items
+    C, BH, n_text = 3, 2, 2
     counts = torch.randint(0, 40, (C, BH, Ns), generator=g)
     counts = torch.where(counts.cumsum(-1) <= max_entries, counts, 0)
     counts[0, 0] = 0  # a chunk whose blocks nobody reads
