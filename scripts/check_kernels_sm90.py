@@ -5,13 +5,19 @@ How: step 1 runs the Triton path on CPU under the interpreter over a grid of sha
 groups 1 … 16, fp16 / bf16 / fp32, prefill forward and backward, sparse decode) and records each launch (kernel,
 argument types, constexprs, warps, stages); step 2, in a fresh process without the interpreter, compiles each
 distinct launch with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (ptxas ships with the triton wheel) and
-prints the ones over the limit. Exit status 1 when any is.
+prints the ones over the limit. Exit status 1 when any is. It also reports, per kernel, the most registers per
+thread and of local memory (spills) per launch (``cuobjdump --dump-resource-usage``, shipped with the wheel too);
+``--spills`` lists every launch that spills.
 
     python scripts/check_kernels_sm90.py            # both steps, every shape of the grid (an hour or more)
     python scripts/check_kernels_sm90.py --quick    # head dim 256 only, where the limits bite (~10 min, 2 cores)
+    python scripts/check_kernels_sm90.py --head-dims 128 --spills   # shape A's head dim, spilling launches
 
 Compiled code generation here is Triton's of this machine's version (e.g. 3.9), not necessarily the GPU image's
-(3.6): the figures are a close estimate, not the GPU's own.
+(3.6): the figures are a close estimate, not the GPU's own. For the GPU image's code generation, put its Triton
+first on the path: ``pip install --no-deps --target /tmp/t36 triton==3.6.0``, then ``PYTHONPATH=/tmp/t36 python
+scripts/check_kernels_sm90.py ...`` (twenty-fourth session: both spill in the compression branch's forward loop at
+head dim 128 with 4 warps; removing the spill did not change its time on an H100, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -108,8 +114,27 @@ def record(path: str, quick: bool, head_dims: tuple[int, ...] | None = None) -> 
         json.dump(list(seen.values()), f)
 
 
-def _compile_one(e: dict) -> tuple[str, str, int | None, str]:
-    """(kernel name, description, shared memory in bytes or None, error) of one recorded launch built for sm_90."""
+def _resources(cubin: bytes) -> tuple[int, int]:
+    """(registers per thread, bytes of stack: spills) of a cubin, from the wheel's ``cuobjdump`` ((-1, -1) when it
+    cannot tell)."""
+    import re
+
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        try:
+            text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+        except OSError:
+            return -1, -1
+    m = re.search(r"REG:(\d+) STACK:(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else (-1, -1)
+
+
+def _compile_one(e: dict) -> tuple[str, str, int | None, str, tuple[int, int]]:
+    """(kernel name, description, shared memory in bytes or None, error, (registers, spill bytes)) of one recorded
+    launch built for sm_90."""
     import importlib
 
     import triton
@@ -127,29 +152,34 @@ def _compile_one(e: dict) -> tuple[str, str, int | None, str]:
                            target=GPUTarget("cuda", 90, 32),
                            options=dict(num_warps=e["num_warps"], num_stages=e["num_stages"]))
     except Exception as exc:  # noqa: BLE001 -- a launch that does not compile is a finding too
-        return e["name"], what, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-    return e["name"], what, k.metadata.shared, ""
+        return e["name"], what, None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}", (-1, -1)
+    return e["name"], what, k.metadata.shared, "", _resources(k.asm["cubin"])
 
 
-def compile_all(path: str, workers: int) -> int:
+def compile_all(path: str, workers: int, spills: bool = False) -> int:
     """Step 2 (no interpreter): compile each recorded launch for sm_90, printing at once those over the
-    shared-memory limit or failing to compile; then the largest shared memory per kernel."""
+    shared-memory limit or failing to compile (and with ``spills`` those that spill registers); then per kernel the
+    largest shared memory, registers per thread and spill bytes of its launches."""
     from concurrent.futures import ProcessPoolExecutor
 
     launches = json.load(open(path))
     worst, bad = {}, 0
     with ProcessPoolExecutor(workers) as pool:
-        for i, (name, what, smem, err) in enumerate(pool.map(_compile_one, launches)):
+        for i, (name, what, smem, err, (regs, stack)) in enumerate(pool.map(_compile_one, launches)):
             if smem is None or smem > SMEM_LIMIT:
                 bad += 1
                 print("FINDING", what, err or f"{smem} bytes of shared memory > {SMEM_LIMIT}", flush=True)
             else:
-                worst[name] = max(worst.get(name, 0), smem)
+                old = worst.get(name, (0, 0, 0))
+                worst[name] = (max(old[0], smem), max(old[1], regs), max(old[2], stack))
+            if spills and stack > 0:
+                print("SPILLS", what, f"{regs} registers, {stack} bytes of stack", flush=True)
             if (i + 1) % 20 == 0:
                 print(f"{i + 1}/{len(launches)} compiled", flush=True)
-    print(f"{len(launches)} launches compiled for sm_90, {bad} findings; largest shared memory per kernel (bytes):")
-    for name, smem in sorted(worst.items()):
-        print(f"  {name}: {smem}")
+    print(f"{len(launches)} launches compiled for sm_90, {bad} findings; per kernel, the most shared memory "
+          "(bytes), registers per thread and spill bytes of its launches:")
+    for name, (smem, regs, stack) in sorted(worst.items()):
+        print(f"  {name}: {smem} B shared, {regs} registers, {stack} B spilled")
     return 1 if bad else 0
 
 
@@ -159,6 +189,7 @@ def main(argv=None) -> int:
     ap.add_argument("--head-dims", type=lambda x: tuple(int(d) for d in x.split(",")), help="e.g. 64,128")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--launches", help="compile the launches recorded in this file (skip step 1)")
+    ap.add_argument("--spills", action="store_true", help="also list every launch that spills registers")
     ap.add_argument("--record", help=argparse.SUPPRESS)  # internal: step 1's output
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -166,15 +197,15 @@ def main(argv=None) -> int:
         record(args.record, args.quick, args.head_dims)
         return 0
     if args.launches:
-        return compile_all(args.launches, args.workers)
+        return compile_all(args.launches, args.workers, args.spills)
     path = os.path.join(tempfile.mkdtemp(), "launches.json")
     step1 = [sys.executable, __file__, "--record", path] + (["--quick"] if args.quick else []) + (
         ["--head-dims", ",".join(map(str, args.head_dims))] if args.head_dims else [])
     subprocess.run(step1, check=True, env={**os.environ, "TRITON_INTERPRET": "1"})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     print(f"launches recorded in {path}", flush=True)
-    return subprocess.run([sys.executable, __file__, "--launches", path, "--workers", str(args.workers)],
-                          env=env).returncode
+    return subprocess.run([sys.executable, __file__, "--launches", path, "--workers", str(args.workers)]
+                          + (["--spills"] if args.spills else []), env=env).returncode
 
 
 if __name__ == "__main__":
