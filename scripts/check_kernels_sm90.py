@@ -14,10 +14,11 @@ thread and of local memory (spills) per launch (``cuobjdump --dump-resource-usag
     python scripts/check_kernels_sm90.py --head-dims 128 --spills   # shape A's head dim, spilling launches
 
 Compiled code generation here is Triton's of this machine's version (e.g. 3.9), not necessarily the GPU image's
-(3.6): the figures are a close estimate, not the GPU's own. For the GPU image's code generation, put its Triton
-first on the path: ``pip install --no-deps --target /tmp/t36 triton==3.6.0``, then ``PYTHONPATH=/tmp/t36 python
-scripts/check_kernels_sm90.py ...`` (twenty-fourth session: both spill in the compression branch's forward loop at
-head dim 128 with 4 warps; removing the spill did not change its time on an H100, BENCHMARKS.md).
+(3.6): the figures are a close estimate, not the GPU's own. For the GPU image's code generation, compile with its
+Triton (step 1 keeps this machine's, whose interpreter runs with today's numpy): ``pip install --no-deps --target
+/tmp/t36 triton==3.6.0``, then add ``--triton-path /tmp/t36`` (twenty-fourth session: both versions spill in the
+compression branch's forward loop at head dim 128 with 4 warps; removing the spill did not change its time on an
+H100, BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
     ap.add_argument("--launches", help="compile the launches recorded in this file (skip step 1)")
     ap.add_argument("--spills", action="store_true", help="also list every launch that spills registers")
+    ap.add_argument("--triton-path", help="compile (step 2) with the Triton installed in this folder (pip --target), "
+                    "e.g. the GPU image's version")
     ap.add_argument("--record", help=argparse.SUPPRESS)  # internal: step 1's output
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -197,6 +200,8 @@ def main(argv=None) -> int:
         record(args.record, args.quick, args.head_dims)
         return 0
     if args.launches:
+        if args.triton_path:
+            sys.path.insert(0, args.triton_path)  # before anything imports triton
         return compile_all(args.launches, args.workers, args.spills)
     path = os.path.join(tempfile.mkdtemp(), "launches.json")
     step1 = [sys.executable, __file__, "--record", path] + (["--quick"] if args.quick else []) + (
@@ -205,7 +210,8 @@ def main(argv=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     print(f"launches recorded in {path}", flush=True)
     return subprocess.run([sys.executable, __file__, "--launches", path, "--workers", str(args.workers)]
-                          + (["--spills"] if args.spills else []), env=env).returncode
+                          + (["--spills"] if args.spills else [])
+                          + (["--triton-path", args.triton_path] if args.triton_path else []), env=env).returncode
 
 
 if __name__ == "__main__":
