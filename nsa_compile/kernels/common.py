@@ -14,6 +14,7 @@ Semantics (README "Attention semantics"; every kernel matches them):
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ class NSAInputError(ValueError):
 class NSAStrictError(RuntimeError):
     """``NSAConfig(strict=True)``: something would have fallen back to dense attention (or, on CUDA, to the
     reference instead of the Triton kernels); the message names what and why."""
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (4 elsewhere: the interpreter's launches then split as on a small
+    GPU)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, video_mask: Tensor) -> None:

@@ -72,7 +72,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .common import MaskCache, NSAInputError, check_inputs, video_layout
+from .common import MaskCache, NSAInputError, check_inputs, sm_count, video_layout
 
 try:  # the reference's tie rule: scores equal in their top 31 − key_id_bits(Ns) bits tie (earlier block wins)
     from .selection import key_id_bits
@@ -910,13 +910,8 @@ SPREAD_CMP_WARPS = 4
 ATTN_WARPS = 8
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _target_programs(device: torch.device) -> int:
-    return 2 * _sm_count(device)
+    return 2 * sm_count(device)
 
 
 def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: DecodeState, scale: float,
@@ -988,7 +983,7 @@ def sparse_decode_triton(q: Tensor, k: Tensor, v: Tensor, gates: Tensor, state: 
         # The spread selection waits, in each program, for the row's other programs: all must be resident at once
         # (one per SM is), so it runs only where the grid fits the SMs (the CPU interpreter runs programs in turn).
         spread_ok = (q.is_cuda and state.blocks_coincide and tiles_per_split == 1 and S1 > 1
-                     and top_k <= BLOCK_C and rows * S1 <= _sm_count(q.device))
+                     and top_k <= BLOCK_C and rows * S1 <= sm_count(q.device))
         mode = {"auto": "spread" if spread_ok and S1 >= SPREAD_MIN_TILES else "last"}.get(schedule, schedule)
         if mode == "spread" and not spread_ok:
             raise ValueError(f"schedule='spread' needs CUDA, coinciding blocks, one tile per program, top-n ≤ "

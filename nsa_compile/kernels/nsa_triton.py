@@ -15,7 +15,7 @@ one: scores and outputs are unchanged.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from .compression import compress_kv
 from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
                                 SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan, TopnGeometry, row_dot,
                                 segment_attention_bwd, segment_attention_fwd, select_topn, selection_bwd,
-                                selection_bwd_partial_bytes, selection_fwd, topn_geometry)
+                                selection_bwd_partial_bytes, selection_fwd, tile_positions, topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 BACKWARD_ORDER_BY_KEY = ("dense", "compression", "window", "selection")  # selection's delta needs the others'
@@ -78,6 +78,7 @@ class _Tables:
     block_len: Tensor | None
     text: Tensor | None
     topn: TopnGeometry | None
+    text_tiles: dict = field(default_factory=dict)  # query tiles with text rows, per tile size (`_text_tiles`)
 
 
 # The mask's tables, shared by the layers of a forward pass (and its backward): the first builds them (~10 host
@@ -117,6 +118,19 @@ def _build_tables(mask: Tensor, Tq: int, Tk: int, block_size: int, block_stride:
                    topn)
 
 
+def _text_tiles(t: _Tables, block_t: int) -> tuple[Tensor, int]:
+    """int32 [n]: the query tiles of ``block_t`` positions holding a text row of some batch row, and the last one's
+    index (one host sync per mask and tile size: kept in the mask's tables, which every layer of a forward
+    shares)."""
+    found = t.text_tiles.get(block_t)
+    if found is None:
+        need = t.need_t.amax(0)
+        has = F.pad(need, (0, -need.numel() % block_t)).view(-1, block_t).amax(1)
+        tiles = torch.nonzero(has).flatten().cpu()
+        found = t.text_tiles[block_t] = (tiles.to(device=need.device, dtype=torch.int32), int(tiles[-1]))
+    return found
+
+
 def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: int, block_stride: int,
              selection_block_size: int, window_size: int, key_valid: Tensor | None = None):
     """Layout, video-query flags and one (plan, keys, values) per branch that has rows to compute."""
@@ -124,7 +138,12 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
     t = _tables(video_mask, Tq, Tk, block_size, block_stride, selection_block_size, k.device)
     branches = {}
     if t.any_text:
-        branches["dense"] = (SegmentPlan(DENSE, t.need_t, Tk), k, v)
+        # the forward splits the tiles' keys over several programs where they are few and long (`dense_splits`)
+        block_t = tile_positions(q.shape[1], k.shape[1], q.dtype, DENSE)
+        tiles, last = _text_tiles(t, block_t)
+        plan = SegmentPlan(DENSE, t.need_t, Tk, tiles=tiles)
+        plan.tiles_walk = triton.cdiv(min(Tk - Tq + (last + 1) * block_t, Tk), plan.block_n)
+        branches["dense"] = (plan, k, v)
     if t.any_video:
         pad = (0, 0, 0, t.kend.shape[1] - t.layout.num_cmp_blocks)  # rows to the padded count of `_build_tables`
         k_cmp, v_cmp = (F.pad(x, pad).contiguous() for x in compress_kv(k, v, t.layout))

@@ -38,6 +38,8 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from .common import sm_count
+
 DENSE, WINDOW, COMPRESSED, SELECTION = 0, 1, 2, 3
 # Softmaxes run in log2 units (scores · scale · log2 e, then exp2: a bare MUFU.EX2 per element where exp adds a
 # range fix-up); log-sum-exps are stored in natural-log units (· ln 2).
@@ -158,13 +160,13 @@ def _segment_masked(MODE: tl.constexpr, start, Nk, p_first, p_last, window, KEND
 # a prompt's first tokens before a video) made the selection branch ~13 % slower on an H100 at 128K (23.1 against
 # 20.5 ms per KV head; BENCHMARKS.md, eleventh session).
 @triton.jit(do_not_specialize=["n_txt"])
-def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID,
+def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVALID, TILES, PO, PL,
          sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, soh, sot,
-         Tq, Tk, Nk, Ns, n_txt, window, scale, dv_out,
+         Tq, Tk, Nk, Ns, n_txt, window, scale, dv_out, seg_per,
          G: tl.constexpr, GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
          D: tl.constexpr, DV: tl.constexpr, NSEL: tl.constexpr, GI: tl.constexpr, MODE: tl.constexpr,
          PRECISION: tl.constexpr, HAS_KMASK: tl.constexpr, BWD: tl.constexpr, OUT_IN: tl.constexpr,
-         LSE_IN: tl.constexpr):
+         LSE_IN: tl.constexpr, SPLIT: tl.constexpr):
     """Online-softmax pass of one tile over its key segments; LSE[row] = log-sum-exp (+inf for a row that sees
     nothing: its o is 0). Rows not needed are left untouched.
 
@@ -177,8 +179,14 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
     (rescaled with the running max like o) before rowd is known, with c per row the P-weighted mean of dp over the
     row's first visible segment, so the bf16-rounded terms P_j (dp_j − c) are small like the usual P_j (dp_j −
     delta). LSE_IN (backward only): LSE holds the forward's log-sum-exp, read instead of written, and P_j = exp(s_j
-    − lse) directly: no running maximum, nothing rescaled per step (FlashAttention-2's backward)."""
+    − lse) directly: no running maximum, nothing rescaled per step (FlashAttention-2's backward).
+
+    SPLIT (the dense branch's forward, `dense_splits`): program (i, bh, s) takes tile TILES[i] and its key
+    segments s·seg_per … (s+1)·seg_per − 1, and stores the rows' softmax over them alone, normalised, to PO (fp32
+    [S, B·HKV, len(TILES), rows, DV]) and its log-sum-exp to PL (−inf: no key), for `_merge_splits`."""
     tile = tl.program_id(0)
+    if SPLIT:
+        tile = tl.load(TILES + tile)
     b, hkv, t, t_loc, valid, p, row, q = _rows(Q, NEED, tile, tl.program_id(1), sqb, sqh, sqt, Tq, Tk, G, GP, HKV,
                                                BLOCK_T, D, 1)
     if tl.max(valid.to(tl.int32), axis=0) == 0:
@@ -188,6 +196,9 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
     k_base = K + b.to(tl.int64) * skb + hkv.to(tl.int64) * skh
     v_base = V + b.to(tl.int64) * svb + hkv.to(tl.int64) * svh
     lo, n_seg = _n_segments(MODE, tile, b, Tq, Tk, n_txt, window, CMP_N, BLOCK_T, BLOCK_N, NSEL)
+    if SPLIT:  # this program's share of the tile's segments (none past the tile's last)
+        lo = lo + tl.program_id(2) * seg_per * BLOCK_N
+        n_seg = tl.minimum(n_seg - tl.program_id(2) * seg_per, seg_per)
 
     m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_T * GP], tl.float32)
@@ -249,6 +260,13 @@ def _fwd(Q, K, V, OUT, LSE, ROWD, DO, DQ, GATE, KEND, CMP_N, TXT, SEG, NEED, KVA
             m_i = m_new
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
+    if SPLIT:
+        rows = tl.arange(0, BLOCK_T * GP)
+        part = ((tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0)
+                + tl.program_id(0)).to(tl.int64) * (BLOCK_T * GP) + rows
+        tl.store(PL + part, tl.where(valid & ~empty, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf")))
+        tl.store(PO + part[:, None] * DV + dv[None, :], acc / l_safe[:, None])
+        return
     if not LSE_IN:
         tl.store(LSE + row, tl.where(empty, float("inf"), (m_i + tl.math.log2(l_safe)) * LN2), mask=valid)
     gate = 1.0
@@ -281,6 +299,47 @@ def _write_rows(o, gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G: tl.con
     if OUT_IN:
         o += tl.load(out_ptr[:, None] + dv[None, :], mask=out_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr[:, None] + dv[None, :], o.to(OUT.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _merge_splits(PO, PL, OUT, LSE, TILES, NEED, sob, soh, sot, Tq, n_split, dv_out, G: tl.constexpr,
+                  GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, DV: tl.constexpr,
+                  OUT_IN: tl.constexpr):
+    """The rows of tile TILES[program 0] and (batch, KV head) program 1 from the n_split partial softmaxes `_fwd`
+    stored with SPLIT: o = Σ_s e^{lse_s − lse} o_s, lse = log Σ_s e^{lse_s} (in split order: deterministic);
+    LSE[row] = lse (+inf for a row that sees nothing), o to OUT as `_write_rows` (no gate)."""
+    tile = tl.load(TILES + tl.program_id(0))
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hkv = bh % HKV
+    r = tl.arange(0, BLOCK_T * GP)
+    g = r % GP
+    t = tile * BLOCK_T + r // GP
+    valid = (g < G) & (t < Tq)
+    valid = valid & (tl.load(NEED + b * Tq + t, mask=valid, other=0) != 0)
+    dv = tl.arange(0, DV)
+    m_i = tl.full([BLOCK_T * GP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_T * GP], tl.float32)
+    acc = tl.zeros([BLOCK_T * GP, DV], tl.float32)
+    for s in range(0, n_split):
+        part = ((s * tl.num_programs(1) + bh) * tl.num_programs(0) + tl.program_id(0)).to(tl.int64) * (
+            BLOCK_T * GP) + r
+        lp = tl.load(PL + part, mask=valid, other=float("-inf"))
+        seen = lp != float("-inf")
+        o = tl.load(PO + part[:, None] * DV + dv[None, :], mask=seen[:, None], other=0.0)
+        m_new = tl.maximum(m_i, lp)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        w = tl.where(seen, tl.exp(lp - m_safe), 0.0)
+        acc = acc * alpha[:, None] + w[:, None] * o
+        l_i = l_i * alpha + w
+        m_i = m_new
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    row = (b.to(tl.int64) * (HKV * G) + hkv * G + g) * Tq + t
+    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
+    _write_rows(acc / l_safe[:, None], 1.0, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV, -1,
+                OUT_IN)
 
 
 @triton.jit
@@ -757,6 +816,11 @@ def _geometry(Hq: int, Hkv: int, dtype: torch.dtype = torch.bfloat16, mode: int 
     return G, GP, max(1, rows // GP)
 
 
+def tile_positions(Hq: int, Hkv: int, dtype: torch.dtype, mode: int) -> int:
+    """Positions per query tile of a forward launch in ``mode`` (`SegmentPlan.tiles` counts in these tiles)."""
+    return _geometry(Hq, Hkv, dtype, mode)[2]
+
+
 class TopnGeometry(NamedTuple):
     """What `select_topn` needs of the layout, the same for every head and layer of a call: int32 [B, Ns] first
     compression block overlapping each selection block and their count, the largest count ``W`` (a host value),
@@ -787,7 +851,9 @@ class SegmentPlan:
         [B, Ns] selection blocks; text: int32 [B, n_txt, 2] (start, length) chunks of at most ``block_n`` text keys
         (SELECTION); key_valid: int8 [B, Tk], the keys an attention mask leaves visible (its key padding; None:
         all), for every mode but COMPRESSED; topn: the call's `TopnGeometry` (SELECTION), shared by its
-        `select_topn` launches (one per chunk of KV heads).
+        `select_topn` launches (one per chunk of KV heads); tiles: int32 [n] the query tiles with rows that need
+        the branch and tiles_walk the most key segments one of them visits (DENSE: the forward may then split
+        their keys over several programs, `dense_splits`).
     """
 
     mode: int
@@ -805,6 +871,8 @@ class SegmentPlan:
     key_valid: torch.Tensor | None = None
     block_n: int = 64
     topn: TopnGeometry | None = None
+    tiles: torch.Tensor | None = None
+    tiles_walk: int = 0
 
     def tables(self, device):
         """The kernels' table arguments by name (a 1-element dummy for each table the mode lacks), Ns, n_txt and
@@ -887,13 +955,43 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=N
         last = (torch.arange(1, grid[0] + 1, device=q.device, dtype=torch.int32) * meta["BLOCK_T"]).clamp(max=Tq)
         last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
         cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
+    split, seg_per = (0, 0) if bwd or plan.tiles is None else dense_splits(
+        plan.tiles.numel() * grid[1], plan.tiles_walk, q.device)
+    if split > 1:  # few long programs (a prompt after a long video): each tile's keys in `split` shares
+        grid = (plan.tiles.numel(), grid[1], split)
+        rows = meta["BLOCK_T"] * meta["GP"]
+        pl = torch.empty(split * grid[0] * grid[1] * rows, dtype=torch.float32, device=q.device)
+        po = torch.empty(pl.numel() * v.shape[-1], dtype=torch.float32, device=q.device)
+    tiles, po, pl = (plan.tiles, po, pl) if split > 1 else (z, z, z)
     _fwd[grid](q, k, v, z if bwd else out, lse, rowd if bwd else z,
                grad_out if bwd else z, dq if bwd else z, gates, tables["kend"], cmp_n, tables["text"],
-               tables["segments"], tables["need"], tables["key_valid"], *strides,
+               tables["segments"], tables["need"], tables["key_valid"], tiles, po, pl, *strides,
                *((0, 0, 0) if bwd else out.stride()[:3]), *sizes, plan.window, scale, 0 if bwd else out.shape[-1],
-               **meta, BWD=bwd, OUT_IN=not first, LSE_IN=lse_in,
+               seg_per, **meta, BWD=bwd, OUT_IN=not first, LSE_IN=lse_in, SPLIT=split > 1,
                **_launch_options(q, plan, bwd, meta["GP"]))
+    if split > 1:
+        _merge_splits[grid[:2]](po, pl, out, lse, tiles, tables["need"], *out.stride()[:3], Tq, split, out.shape[-1],
+                                G=meta["G"], GP=meta["GP"], HKV=meta["HKV"], BLOCK_T=meta["BLOCK_T"],
+                                DV=meta["DV"], OUT_IN=not first, num_warps=4)
     return lse, rowd
+
+
+# The dense branch's forward (text rows) splits each tile's keys over several programs when its programs are few
+# and long: a prompt after a long video. Shape A at 128K with 16 text tokens before the video and 48 after: 12
+# programs of 2,048 segments took ~8.6 ms on the side stream, and the forward 61.4 ms; split, `_fwd`'s kernel time
+# went 18.1 → 9.8 ms and the forward to 61.1–61.2 (65.4 against 66.2 with a 512-token prompt; H100, BENCHMARKS.md
+# twenty-fourth session). Each share walks at least this many segments; the launch aims at two programs per SM.
+DENSE_SPLIT_MIN_SEGMENTS = 64
+
+
+def dense_splits(programs: int, n_seg: int, device: torch.device) -> tuple[int, int]:
+    """(shares S, segments per share) of the dense branch's split forward for ``programs`` (tile, batch × KV head)
+    programs walking up to ``n_seg`` key segments; (0, 0) when splitting does not pay (S < 2)."""
+    split = min(triton.cdiv(n_seg, DENSE_SPLIT_MIN_SEGMENTS), triton.cdiv(2 * sm_count(device), max(1, programs)))
+    if split < 2:
+        return 0, 0
+    seg_per = triton.cdiv(n_seg, split)
+    return triton.cdiv(n_seg, seg_per), seg_per
 
 
 def segment_attention_bwd(q, k, v, grad_out, gates, lse, delta, scale: float, plan: SegmentPlan, dk, dv):

@@ -114,6 +114,29 @@ def test_forward_writes_every_output_element(case, monkeypatch):
     assert not out.isnan().any() and rel(out.double(), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("case", ["B2-HQ6-H2-T80-two-spans", "B1-HQ2-H1-T320-unmasked-segments",
+                                  "B1-HQ2-H1-Tq256-Tk318-unmasked-after-cache"])
+def test_text_rows_with_keys_split_over_programs_equal_one_program(case, monkeypatch):
+    """The dense branch's forward with each text tile's keys in shares (`dense_splits`: few long programs, as a
+    prompt after a long video on the GPU; here every share one segment, some shares empty), merged by
+    `_merge_splits`: as exact as one program per tile against the reference, every element written."""
+    from nsa_compile.kernels import nsa_triton as nt
+    from nsa_compile.kernels import segment_attention as sa
+
+    q, k, v, gates, vm, params = case_inputs(case, seed=3)
+    ref = nsa_reference(q.double(), k.double(), v.double(), gates.double(), vm, None, *params)
+    whole = nsa_triton_forward(q, k, v, gates, vm, *params)
+    splits, real = [], sa.dense_splits
+    monkeypatch.setattr(sa, "DENSE_SPLIT_MIN_SEGMENTS", 1)
+    monkeypatch.setattr(sa, "sm_count", lambda device: 64)
+    monkeypatch.setattr(sa, "dense_splits", lambda *a: splits.append(real(*a)) or splits[-1])
+    monkeypatch.setattr(nt, "POISON_OUTPUTS", True)
+    out = nsa_triton_forward(q, k, v, gates, vm, *params)
+    assert splits and splits[0][0] >= 2, splits  # the split ran
+    assert not out.isnan().any()
+    assert rel(out.double(), ref) <= 1e-5 and rel(out.double(), whole.double()) <= 1e-5
+
+
 @pytest.mark.parametrize("case", ["B1-HQ4-H4-T56-group1-text-gaps", "B2-HQ6-H2-Tq20-Tk90-cache"])
 def test_forward_in_kv_head_chunks_equals_one_chunk(case, monkeypatch):
     """At long context the forward runs per chunk of KV heads (of at most KV_HEAD_CHUNK_ROWS query rows): bitwise
