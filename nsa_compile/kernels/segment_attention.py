@@ -302,6 +302,28 @@ def _write_rows(o, gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G: tl.con
 
 
 @triton.jit
+def _merge_partial(m_i, l_i, acc, lp, o, seen):
+    """One more (log-sum-exp lp, normalised output o) of a row's parts into its running merge (max m, Σ e^{lse − m},
+    Σ e^{lse − m} o); a part not ``seen`` (lp = −inf) adds nothing."""
+    m_new = tl.maximum(m_i, lp)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    w = tl.where(seen, tl.exp(lp - m_safe), 0.0)
+    return m_new, l_i * alpha + w, acc * alpha[:, None] + w[:, None] * o
+
+
+@triton.jit
+def _merged_rows(m_i, l_i, acc, LSE, b, hkv, g, t, valid, Tq, G: tl.constexpr, HKV: tl.constexpr):
+    """The merged rows' output acc / l and index into [B, Hq, Tq] tensors; LSE[row] = m + log l (+inf for a row
+    that saw nothing)."""
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    row = (b.to(tl.int64) * (HKV * G) + hkv * G + g) * Tq + t
+    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
+    return acc / l_safe[:, None], row
+
+
+@triton.jit
 def _merge_splits(PO, PL, OUT, LSE, TILES, NEED, sob, soh, sot, Tq, n_split, dv_out, G: tl.constexpr,
                   GP: tl.constexpr, HKV: tl.constexpr, BLOCK_T: tl.constexpr, DV: tl.constexpr,
                   OUT_IN: tl.constexpr):
@@ -327,19 +349,9 @@ def _merge_splits(PO, PL, OUT, LSE, TILES, NEED, sob, soh, sot, Tq, n_split, dv_
         lp = tl.load(PL + part, mask=valid, other=float("-inf"))
         seen = lp != float("-inf")
         o = tl.load(PO + part[:, None] * DV + dv[None, :], mask=seen[:, None], other=0.0)
-        m_new = tl.maximum(m_i, lp)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        w = tl.where(seen, tl.exp(lp - m_safe), 0.0)
-        acc = acc * alpha[:, None] + w[:, None] * o
-        l_i = l_i * alpha + w
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    row = (b.to(tl.int64) * (HKV * G) + hkv * G + g) * Tq + t
-    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
-    _write_rows(acc / l_safe[:, None], 1.0, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV, -1,
-                OUT_IN)
+        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lp, o, seen)
+    o, _ = _merged_rows(m_i, l_i, acc, LSE, b, hkv, g, t, valid, Tq, G, HKV)
+    _write_rows(o, 1.0, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV, -1, OUT_IN)
 
 
 @triton.jit
@@ -678,22 +690,12 @@ def _selection_combine(OP, LP, OUT, LSE, GATE, NEED, sob, soh, sot, Tq, t0, P, d
         lp = tl.load(LP + idx, mask=valid, other=float("-inf"))
         seen = lp != float("-inf")  # NaN (a NaN or inf input among the segment's scores) propagates, as in `_fwd`
         o = tl.load(OP + idx[:, None] * DV + dv[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m_i, lp)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        w = tl.where(seen, tl.exp(lp - m_safe), 0.0)
-        acc = acc * alpha[:, None] + w[:, None] * o
-        l_i = l_i * alpha + w
-        m_i = m_new
-    empty = l_i == 0.0
-    l_safe = tl.where(empty, 1.0, l_i)
-    row = (b.to(tl.int64) * (HKV * G) + hkv * G + g) * Tq + t
-    tl.store(LSE + row, tl.where(empty, float("inf"), m_i + tl.log(l_safe)), mask=valid)
+        m_i, l_i, acc = _merge_partial(m_i, l_i, acc, lp, o, seen)
+    o, row = _merged_rows(m_i, l_i, acc, LSE, b, hkv, g, t, valid, Tq, G, HKV)
     gate = 1.0
     if GI >= 0:
         gate = tl.load(GATE + row * 3 + GI, mask=valid, other=0.0)
-    _write_rows(acc / l_safe[:, None], gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV, GI,
-                OUT_IN)
+    _write_rows(o, gate, OUT, b, hkv, t, valid, sob, soh, sot, dv_out, G, GP, BLOCK_T, DV, GI, OUT_IN)
 
 
 
