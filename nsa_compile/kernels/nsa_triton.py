@@ -141,9 +141,8 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, video_mask: Tensor, block_size: in
         # the forward splits the tiles' keys over several programs where they are few and long (`dense_splits`)
         block_t = tile_positions(q.shape[1], k.shape[1], q.dtype, DENSE)
         tiles, last = _text_tiles(t, block_t)
-        plan = SegmentPlan(DENSE, t.need_t, Tk, tiles=tiles)
-        plan.tiles_walk = triton.cdiv(min(Tk - Tq + (last + 1) * block_t, Tk), plan.block_n)
-        branches["dense"] = (plan, k, v)
+        walk = triton.cdiv(min(Tk - Tq + (last + 1) * block_t, Tk), SegmentPlan.block_n)  # the last tile's walk
+        branches["dense"] = (SegmentPlan(DENSE, t.need_t, Tk, tiles=tiles, tiles_walk=walk), k, v)
     if t.any_video:
         pad = (0, 0, 0, t.kend.shape[1] - t.layout.num_cmp_blocks)  # rows to the padded count of `_build_tables`
         k_cmp, v_cmp = (F.pad(x, pad).contiguous() for x in compress_kv(k, v, t.layout))
