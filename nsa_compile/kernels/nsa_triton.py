@@ -24,10 +24,11 @@ from torch import Tensor
 
 from .common import MaskCache, NSAInputError, VideoLayout, video_layout
 from .compression import compress_kv
-from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, SELECTION, SELECTION_PARTIAL_BYTES,
-                                SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan, TopnGeometry, row_dot,
-                                segment_attention_bwd, segment_attention_fwd, select_topn, selection_bwd,
-                                selection_bwd_partial_bytes, selection_fwd, tile_positions, topn_geometry)
+from .segment_attention import (COMPRESSED, COMPRESSED_SPLIT_BYTES, DENSE, DENSE_SPLIT_BYTES, SELECTION,
+                                SELECTION_PARTIAL_BYTES, SELECTION_TEXT_PARTIAL_BYTES, WINDOW, SegmentPlan,
+                                TopnGeometry, row_dot, segment_attention_bwd, segment_attention_fwd, select_topn,
+                                selection_bwd, selection_bwd_partial_bytes, selection_fwd, tile_positions,
+                                topn_geometry)
 
 ORDER = ("dense", "compression", "selection", "window")  # compression first: selection needs its lse
 BACKWARD_ORDER_BY_KEY = ("dense", "compression", "window", "selection")  # selection's delta needs the others'
@@ -245,8 +246,9 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
     peak, for head dims D, Dv, ``top_n`` blocks and inputs of ``itemsize`` bytes: the forward's output and, for
     groups up to `SELECTION_BY_KEY_MAX_GROUP`, over one chunk of KV heads (`kv_head_chunks`), the selection's
     position lists and per-segment outputs (`segment_attention.selection_fwd`, at most
-    `SELECTION_PARTIAL_BYTES`), the backward's fp32 dq, dk, dv, the selection's position lists
-    (`segment_attention._selection_walk`) or the compression's partial dk/dv
+    `SELECTION_PARTIAL_BYTES`) and the text rows' split partial outputs (at most `DENSE_SPLIT_BYTES`); the
+    backward's fp32 dq, dk, dv, the selection's position lists (`segment_attention._selection_walk`) or the
+    compression's partial dk/dv
     (`segment_attention.compressed_dkdv_splits`), the top-n ids, softmax statistics and layout tables. An upper
     bound within a few percent (`_check_memory` compares it with the GPU's free memory before any kernel runs)."""
     Dp, Dvp = triton.next_power_of_2(D), triton.next_power_of_2(Dv)
@@ -263,7 +265,8 @@ def memory_estimate(B: int, Hq: int, Hkv: int, Tq: int, Tk: int, D: int, Dv: int
             entries = B * (Hkv // chunks) * Tq * (top_n + 1)
             partial = min(SELECTION_PARTIAL_BYTES, entries * G * (Dvp * itemsize + 4))
             by_key = max(entries * 20, entries * 8 + partial)
-        return pad + out + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32 + by_key
+        return (pad + out + rows + sel + layout + B * Hkv * Tk * (Dp + Dvp) * itemsize // 32 + by_key
+                + DENSE_SPLIT_BYTES)
     csr = B * Hkv * Tq * (top_n + 1) * 5 * 4  # the selection's position lists: ids, sorted ids, order (int64), pos
     grads = B * Hq * Tq * Dp * 4 + B * Hkv * Tk * (Dp + Dvp) * 4 * 2  # dq; dk, dv and the unpooling temporaries
     partial = min(COMPRESSED_SPLIT_BYTES, B * Hkv * Tk * (Dp + Dvp) * 4)  # compression dk/dv per split, at most

@@ -957,11 +957,11 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=N
         last = (torch.arange(1, grid[0] + 1, device=q.device, dtype=torch.int32) * meta["BLOCK_T"]).clamp(max=Tq)
         last = (last + (plan.tk - Tq - 1)).expand(B, grid[0]).contiguous()
         cmp_n = torch.searchsorted(plan.kend, last, right=True).to(torch.int32)
+    rows = meta["BLOCK_T"] * meta["GP"]
     split, seg_per = (0, 0) if bwd or plan.tiles is None else dense_splits(
-        plan.tiles.numel() * grid[1], plan.tiles_walk, q.device)
+        plan.tiles.numel() * grid[1], plan.tiles_walk, rows * (v.shape[-1] + 1) * 4, q.device)
     if split > 1:  # few long programs (a prompt after a long video): each tile's keys in `split` shares
         grid = (plan.tiles.numel(), grid[1], split)
-        rows = meta["BLOCK_T"] * meta["GP"]
         pl = torch.empty(split * grid[0] * grid[1] * rows, dtype=torch.float32, device=q.device)
         po = torch.empty(pl.numel() * v.shape[-1], dtype=torch.float32, device=q.device)
     tiles, po, pl = (plan.tiles, po, pl) if split > 1 else (z, z, z)
@@ -982,14 +982,19 @@ def segment_attention_fwd(q, k, v, scale: float, plan: SegmentPlan, gates, out=N
 # and long: a prompt after a long video. Shape A at 128K with 16 text tokens before the video and 48 after: 12
 # programs of 2,048 segments took ~8.6 ms on the side stream, and the forward 61.4 ms; split, `_fwd`'s kernel time
 # went 18.1 → 9.8 ms and the forward to 61.1–61.2 (65.4 against 66.2 with a 512-token prompt; H100, BENCHMARKS.md
-# twenty-fourth session). Each share walks at least this many segments; the launch aims at two programs per SM.
+# twenty-fourth session). Each share walks at least this many segments; the launch aims at two programs per SM,
+# with at most DENSE_SPLIT_BYTES of fp32 partial outputs (`nsa_triton.memory_estimate` counts them).
 DENSE_SPLIT_MIN_SEGMENTS = 64
+DENSE_SPLIT_BYTES = 32 << 20
 
 
-def dense_splits(programs: int, n_seg: int, device: torch.device) -> tuple[int, int]:
+def dense_splits(programs: int, n_seg: int, share_bytes: int, device: torch.device) -> tuple[int, int]:
     """(shares S, segments per share) of the dense branch's split forward for ``programs`` (tile, batch × KV head)
-    programs walking up to ``n_seg`` key segments; (0, 0) when splitting does not pay (S < 2)."""
-    split = min(triton.cdiv(n_seg, DENSE_SPLIT_MIN_SEGMENTS), triton.cdiv(2 * sm_count(device), max(1, programs)))
+    programs walking up to ``n_seg`` key segments, each share's partial output taking ``share_bytes``; (0, 0) when
+    splitting does not pay (S < 2)."""
+    programs = max(1, programs)
+    split = min(triton.cdiv(n_seg, DENSE_SPLIT_MIN_SEGMENTS), triton.cdiv(2 * sm_count(device), programs),
+                DENSE_SPLIT_BYTES // (programs * share_bytes))
     if split < 2:
         return 0, 0
     seg_per = triton.cdiv(n_seg, split)
